@@ -1,0 +1,5 @@
+import sys
+
+from kvpack.cli import main
+
+sys.exit(main())
