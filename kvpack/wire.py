@@ -1,0 +1,234 @@
+"""Tensors and byte blobs on the wire: proto <-> torch conversion, chunking and reassembly.
+
+A tensor travels as one ``TensorBegin`` (kind, layer, dtype, shape, nbytes, CRC-32) followed by
+``Chunk`` messages of at most :data:`CHUNK_BYTES` raw little-endian bytes with contiguous offsets
+from 0. bf16 travels as its raw 2-byte words (through a ``uint8`` view, never numpy dtypes).
+
+Sending::
+
+    for msg in iter_tensor_messages(pb.TENSOR_KIND_KEYS, layer, k):
+        yield pb.CompressRequest(begin=msg) if isinstance(msg, pb.TensorBegin) else \
+            pb.CompressRequest(chunk=msg)
+
+Receiving::
+
+    asm = TensorAssembler(begin, max_bytes=limit)   # validates before allocating
+    while not asm.done:
+        asm.add(next_chunk)                          # raises InvalidArgument on bad offsets
+    tensor = asm.tensor()                            # CRC checked; shape/dtype from the begin
+
+Blobs (stored containers for Fetch and Put) use :func:`iter_chunks` and :class:`BytesAssembler`.
+All validation errors are :class:`kvpack.errors.InvalidArgument` (or ``ResourceExhausted`` for a
+size over the caller's limit) with a message naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import zlib
+from collections.abc import Iterator
+
+import torch
+
+from kvpack.errors import DataLoss, InvalidArgument, ResourceExhausted
+from kvpack.v1 import kvpack_pb2 as pb
+
+#: Chunk size for tensor and blob bytes (1 MiB measured best on loopback; see PRACTICES.md).
+CHUNK_BYTES = 1 << 20
+
+_TO_TORCH: dict[int, torch.dtype] = {
+    pb.DTYPE_FLOAT32: torch.float32,
+    pb.DTYPE_FLOAT16: torch.float16,
+    pb.DTYPE_BFLOAT16: torch.bfloat16,
+    pb.DTYPE_INT64: torch.int64,
+}
+_FROM_TORCH: dict[torch.dtype, int] = {v: k for k, v in _TO_TORCH.items()}
+
+if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+    raise ImportError("kvpack.wire assumes a little-endian host (raw tensor bytes are LE)")
+
+
+def dtype_to_torch(dtype: int) -> torch.dtype:
+    """torch dtype for a ``kvpack.v1.DType`` value; InvalidArgument for unspecified/unknown."""
+    try:
+        return _TO_TORCH[dtype]
+    except KeyError:
+        raise InvalidArgument(f"unsupported dtype {_dtype_name(dtype)}") from None
+
+
+def dtype_from_torch(dtype: torch.dtype) -> int:
+    """``kvpack.v1.DType`` value for a torch dtype (float32, float16, bfloat16, int64)."""
+    try:
+        return _FROM_TORCH[dtype]
+    except KeyError:
+        raise InvalidArgument(f"dtype {dtype} cannot travel on the wire") from None
+
+
+def _dtype_name(dtype: int) -> str:
+    try:
+        return pb.DType.Name(dtype)  # type: ignore[arg-type]
+    except ValueError:
+        return str(dtype)
+
+
+def _kind_name(kind: int) -> str:
+    try:
+        return pb.TensorKind.Name(kind)  # type: ignore[arg-type]
+    except ValueError:
+        return str(kind)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """Raw little-endian bytes of ``tensor`` (moved to CPU, made contiguous; no copy when it
+    already is both). The view keeps the underlying storage alive."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return t.reshape(-1).view(torch.uint8).numpy().data
+
+
+def iter_chunks(
+    data: bytes | bytearray | memoryview, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[pb.Chunk]:
+    """``Chunk`` messages covering ``data`` in order (one copy per chunk into the proto)."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    view = memoryview(data).cast("B")
+    for offset in range(0, len(view), chunk_bytes):
+        yield pb.Chunk(offset=offset, data=bytes(view[offset : offset + chunk_bytes]))
+
+
+def iter_tensor_messages(
+    kind: int, layer: int, tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[pb.TensorBegin | pb.Chunk]:
+    """A ``TensorBegin`` for ``tensor`` then its ``Chunk`` messages (none for an empty tensor).
+
+    ``kind`` is a ``kvpack.v1.TensorKind``; ``layer`` is 0 for tensors that span all layers.
+    """
+    data = tensor_bytes(tensor)
+    yield pb.TensorBegin(
+        kind=kind,  # type: ignore[arg-type]
+        layer=layer,
+        dtype=dtype_from_torch(tensor.dtype),  # type: ignore[arg-type]
+        shape=list(tensor.shape),
+        nbytes=len(data),
+        crc32=zlib.crc32(data),
+    )
+    yield from iter_chunks(data, chunk_bytes)
+
+
+class BytesAssembler:
+    """Collects ``Chunk`` messages into a preallocated buffer of exactly ``nbytes``.
+
+    ``crc32`` (zlib) is checked at completion when given. ``what`` names the payload in errors
+    (e.g. "KEYS layer 3"). ``nbytes`` must be ``<= max_bytes`` (ResourceExhausted otherwise),
+    checked before anything is allocated.
+    """
+
+    def __init__(
+        self, nbytes: int, *, max_bytes: int, crc32: int | None = None, what: str = "payload"
+    ) -> None:
+        if nbytes < 0:
+            raise InvalidArgument(f"{what}: negative size {nbytes}")
+        if nbytes > max_bytes:
+            raise ResourceExhausted(
+                f"{what}: {nbytes} bytes exceeds the limit of {max_bytes} bytes"
+            )
+        self.what = what
+        self.nbytes = nbytes
+        self.expected_crc = crc32
+        self.buffer = bytearray(nbytes)
+        self.received = 0
+        self._crc = 0
+
+    @property
+    def done(self) -> bool:
+        """True once all ``nbytes`` have arrived."""
+        return self.received == self.nbytes
+
+    def add(self, chunk: pb.Chunk) -> bool:
+        """Copies one chunk in; returns :attr:`done`. Offsets must continue exactly where the
+        previous chunk ended and must not run past ``nbytes``."""
+        data = chunk.data  # each access copies: read once
+        if chunk.offset != self.received:
+            raise InvalidArgument(
+                f"{self.what}: chunk offset {chunk.offset}, expected {self.received} "
+                "(chunks must be contiguous and in order)"
+            )
+        end = self.received + len(data)
+        if end > self.nbytes:
+            raise InvalidArgument(
+                f"{self.what}: chunk ends at byte {end}, past the declared {self.nbytes} bytes"
+            )
+        if not data:
+            raise InvalidArgument(f"{self.what}: empty chunk at offset {chunk.offset}")
+        self.buffer[self.received : end] = data
+        self._crc = zlib.crc32(data, self._crc)
+        self.received = end
+        return self.done
+
+    def result(self) -> bytearray:
+        """The completed buffer; InvalidArgument if incomplete, DataLoss on a CRC mismatch."""
+        if not self.done:
+            raise InvalidArgument(
+                f"{self.what}: incomplete, got {self.received} of {self.nbytes} bytes"
+            )
+        if self.expected_crc is not None and self._crc != self.expected_crc:
+            raise DataLoss(
+                f"{self.what}: CRC-32 mismatch (got {self._crc:#010x}, "
+                f"declared {self.expected_crc:#010x})"
+            )
+        return self.buffer
+
+
+class TensorAssembler:
+    """Reassembles one tensor from its ``TensorBegin`` and following ``Chunk`` messages.
+
+    Validates on construction, before allocating: known dtype, non-negative shape,
+    ``nbytes == prod(shape) * itemsize`` and ``nbytes <= max_bytes``.
+    """
+
+    def __init__(self, begin: pb.TensorBegin, *, max_bytes: int) -> None:
+        self.kind = begin.kind
+        self.layer = begin.layer
+        what = f"{_kind_name(begin.kind)} tensor (layer {begin.layer})"
+        self.dtype = dtype_to_torch(begin.dtype)
+        self.shape = tuple(int(s) for s in begin.shape)
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        expected = math.prod(self.shape) * itemsize
+        if begin.nbytes != expected:
+            raise InvalidArgument(
+                f"{what}: nbytes {begin.nbytes} != prod(shape {list(self.shape)}) * "
+                f"{itemsize} = {expected}"
+            )
+        self._bytes = BytesAssembler(
+            begin.nbytes, max_bytes=max_bytes, crc32=begin.crc32, what=what
+        )
+
+    @property
+    def what(self) -> str:
+        """Human name of the tensor being assembled, for error messages."""
+        return self._bytes.what
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes.nbytes
+
+    @property
+    def done(self) -> bool:
+        return self._bytes.done
+
+    def add(self, chunk: pb.Chunk) -> bool:
+        """Copies one chunk in; returns True when the tensor is complete."""
+        return self._bytes.add(chunk)
+
+    def tensor(self) -> torch.Tensor:
+        """The tensor (CPU, sharing the assembled buffer; no copy). CRC checked here."""
+        buf = self._bytes.result()
+        if not buf:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.frombuffer(buf, dtype=torch.uint8).view(self.dtype).reshape(self.shape)
