@@ -1,0 +1,153 @@
+"""`select`: validate eviction inputs, run a policy, return kept positions per layer.
+
+Padding convention: when batch rows (or heads, unstructured) keep different counts, a layer's
+tensor is [B, Hkv, max count] and each head's row is its ascending kept positions followed by -1.
+With B = 1 and a structured policy there is never padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvpack.codec.budgets import Budget
+from kvpack.codec.policies import POLICIES, EvictionInput, Policy
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _layout_of_scores(scores: object, num_kv_heads: int | None) -> tuple[int, int, int, int]:
+    if not isinstance(scores, torch.Tensor):
+        raise ValueError(f"scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"scores must be a floating tensor, got dtype {scores.dtype}")
+    if scores.dim() != 4:
+        raise ValueError(f"scores must be [L, B, H, n], got shape {tuple(scores.shape)}")
+    layers, batch, heads, n = scores.shape
+    if min(layers, batch, heads, n) < 1:
+        raise ValueError(f"scores has an empty dimension: shape {tuple(scores.shape)}")
+    hkv = heads if num_kv_heads is None else num_kv_heads
+    if heads % hkv:
+        raise ValueError(f"score heads ({heads}) must be a multiple of num_kv_heads ({hkv})")
+    return layers, batch, hkv, n
+
+
+def _check_cache(
+    name: str,
+    tensors: object,
+    layout: tuple[int, int, int, int],
+    device: torch.device,
+    used: bool,
+) -> list[torch.Tensor]:
+    layers, batch, hkv, n = layout
+    if not isinstance(tensors, Sequence) or len(tensors) != layers:
+        got = len(tensors) if isinstance(tensors, Sequence) else type(tensors).__name__
+        raise ValueError(f"{name} must be a list of {layers} layer tensors, got {got}")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name}[{i}] must be a floating tensor")
+        if t.dim() != 4 or tuple(t.shape[:3]) != (batch, hkv, n):
+            raise ValueError(
+                f"{name}[{i}] must be [B={batch}, Hkv={hkv}, n={n}, d], got {tuple(t.shape)}"
+            )
+        if t.device != device:
+            raise ValueError(f"{name}[{i}] is on {t.device}, expected {device}")
+        # Scanning a cache the policy ignores would cost a full read of it.
+        if used and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}[{i}] contains NaN or Inf")
+    return list(tensors)
+
+
+def _layout_of_cache(
+    tensors: Sequence[torch.Tensor], num_kv_heads: int | None
+) -> tuple[int, int, int, int]:
+    if not isinstance(tensors, Sequence) or not tensors:
+        raise ValueError("keys/values must be a non-empty list of [B, Hkv, n, d] tensors")
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or first.dim() != 4:
+        raise ValueError("keys/values must be a non-empty list of [B, Hkv, n, d] tensors")
+    batch, hkv, n, _ = first.shape
+    if num_kv_heads is not None and num_kv_heads != hkv:
+        raise ValueError(f"num_kv_heads={num_kv_heads} but the cache has {hkv} KV heads")
+    if min(batch, hkv, n) < 1:
+        raise ValueError(f"cache has an empty dimension: shape {tuple(first.shape)}")
+    return len(tensors), batch, hkv, n
+
+
+def make_policy(policy: str, settings: dict[str, object]) -> Policy:
+    """The named policy with its settings parsed from `settings` (values may be strings)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r} (known: {sorted(POLICIES)})")
+    cls = POLICIES[policy]
+    return cls(cls.settings_type.from_mapping(settings))
+
+
+def select(
+    scores: torch.Tensor | None,
+    ratio: float | None = None,
+    policy: str = "kvcompose",
+    *,
+    n_keep: int | None = None,
+    num_kv_heads: int | None = None,
+    keys: Sequence[torch.Tensor] | None = None,
+    values: Sequence[torch.Tensor] | None = None,
+    **settings: object,
+) -> list[torch.Tensor]:
+    """Positions each layer keeps, chosen by `policy` from attention statistics.
+
+    scores: [L, B, H, n] floating, H query heads (then pass num_kv_heads) or KV heads; None only
+    for policies that use no statistics (streaming, knorm, random). ratio: fraction of entries
+    removed, 0 <= ratio < 1; n_keep: token slots per sequence summed over layers (exactly one of
+    the two). keys / values: L tensors [B, Hkv, n, d] on the scores' device, for policies that
+    read them. settings: the policy's settings by name, values may be wire strings.
+
+    Returns L int64 tensors [B, Hkv, b_l] on the scores' device: kept positions ascending per
+    head, -1 padded where rows or heads keep fewer (see the module docstring). Batch rows are
+    independent. Raises ValueError on any invalid input.
+    """
+    pol = make_policy(policy, dict(settings))
+    if num_kv_heads is not None and (
+        isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1
+    ):
+        raise ValueError(f"num_kv_heads must be a positive integer, got {num_kv_heads!r}")
+    if scores is not None:
+        layout = _layout_of_scores(scores, num_kv_heads)
+        device = scores.device
+    elif pol.needs_scores:
+        raise ValueError(f"policy {policy!r} needs attention scores")
+    else:
+        cache = keys if keys is not None else values
+        if cache is None:
+            raise ValueError(f"policy {policy!r} without scores needs keys or values for shapes")
+        layout = _layout_of_cache(cache, num_kv_heads)
+        device = cache[0].device
+    if pol.needs_keys and keys is None:
+        raise ValueError(f"policy {policy!r} needs keys")
+    if pol.needs_values and values is None:
+        raise ValueError(f"policy {policy!r} needs values")
+    layers, batch, hkv, n = layout
+    budget = Budget(layers, n, ratio=ratio, n_keep=n_keep)
+    scores32 = None
+    if scores is not None and pol.needs_scores:
+        scores32 = scores.float()
+        if not bool(torch.isfinite(scores32).all()):
+            raise ValueError("scores contain NaN or Inf")
+    if keys is not None:
+        keys = _check_cache("keys", keys, layout, device, pol.needs_keys)
+    if values is not None:
+        values = _check_cache("values", values, layout, device, pol.needs_values)
+    inp = EvictionInput(
+        layers=layers,
+        batch=batch,
+        num_kv_heads=hkv,
+        n=n,
+        device=device,
+        budget=budget,
+        scores=scores32,
+        keys=None if keys is None else _check_cache("keys", keys, layout, device, pol.needs_keys),
+        values=None
+        if values is None
+        else _check_cache("values", values, layout, device, pol.needs_values),
+    )
+    return pol.keep(inp)
