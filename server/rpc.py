@@ -1,0 +1,172 @@
+"""One wrapper around every RPC handler: error mapping, metrics, stream limits, deadlines.
+
+Handlers raise :mod:`kvpack.errors` exceptions; this module is the single place that turns them
+into ``context.abort(code, message)``, counts ``kvpack_requests_total{method,code}``, observes
+``kvpack_request_duration_seconds`` and tracks ``kvpack_inflight_streams``. Unexpected exceptions
+are logged with a traceback and answered INTERNAL without leaking internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from grpc import aio
+
+from kvpack.errors import DeadlineExceeded, KVPackError, ResourceExhausted
+from kvpack.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class Host(Protocol):
+    """What the wrapper needs from the servicer."""
+
+    metrics: Metrics
+    streams: StreamLimiter
+
+
+class StreamLimiter:
+    """Counts streaming RPCs in flight; beyond ``limit`` new ones get RESOURCE_EXHAUSTED."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> None:
+        if self.active >= self.limit:
+            raise ResourceExhausted(
+                f"server is at its limit of {self.limit} concurrent streams "
+                "(--max-concurrent-streams); retry later"
+            )
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+def check_deadline(context: aio.ServicerContext, what: str) -> None:
+    """Raise DeadlineExceeded if the call's deadline has passed (checked between stages)."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded(f"deadline exceeded during {what}")
+
+
+def _code_of_cancel(context: aio.ServicerContext) -> str:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED.name
+    return grpc.StatusCode.CANCELLED.name
+
+
+class _Call:
+    """Bookkeeping of one call: inflight gauge, stream slot, final code and duration."""
+
+    def __init__(self, host: Host, method: str, stream: bool) -> None:
+        self.host, self.method, self.stream = host, method, stream
+        self.code = grpc.StatusCode.OK.name
+        self.start = time.perf_counter()
+        self.holds_slot = False
+
+    def begin(self) -> None:
+        """Take a stream slot (RESOURCE_EXHAUSTED when none is free) and count the call."""
+        self.host.metrics.inflight_streams.labels(self.method).inc()
+        if self.stream:
+            self.host.streams.acquire()
+            self.holds_slot = True
+
+    def end(self) -> None:
+        self.host.metrics.inflight_streams.labels(self.method).dec()
+        if self.holds_slot:
+            self.host.streams.release()
+        self.host.metrics.requests.labels(self.method, self.code).inc()
+        self.host.metrics.request_duration.labels(self.method).observe(
+            time.perf_counter() - self.start
+        )
+
+    async def fail(self, context: aio.ServicerContext, exc: BaseException) -> None:
+        """Record the status for ``exc`` and raise it to gRPC (never returns normally)."""
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            self.code = _code_of_cancel(context)
+            raise exc
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)) or _is_abort(exc):
+            raise exc
+        if isinstance(exc, KVPackError):
+            err = exc
+        else:
+            log.exception("%s failed unexpectedly", self.method)
+            err = KVPackError(f"internal error in {self.method} ({type(exc).__name__})")
+        self.code = err.code.name
+        await context.abort(err.code, err.message)
+
+
+def unary(
+    method: str, *, stream: bool = False
+) -> Callable[
+    [Callable[[Any, Any, aio.ServicerContext], Awaitable[Resp]]],
+    Callable[[Any, Any, aio.ServicerContext], Awaitable[Resp]],
+]:
+    """Wrap a handler returning one response (unary or client-streaming when ``stream``)."""
+
+    def wrap(
+        fn: Callable[[Any, Any, aio.ServicerContext], Awaitable[Resp]],
+    ) -> Callable[[Any, Any, aio.ServicerContext], Awaitable[Resp]]:
+        @functools.wraps(fn)
+        async def handler(self: Host, request: Any, context: aio.ServicerContext) -> Resp:
+            call = _Call(self, method, stream)
+            try:
+                call.begin()
+                return await fn(self, request, context)
+            except BaseException as exc:
+                await call.fail(context, exc)
+                raise  # pragma: no cover - fail() always raises
+            finally:
+                call.end()
+
+        return handler
+
+    return wrap
+
+
+def streaming(
+    method: str,
+) -> Callable[
+    [Callable[[Any, Any, aio.ServicerContext], AsyncIterator[Resp]]],
+    Callable[[Any, Any, aio.ServicerContext], AsyncIterator[Resp]],
+]:
+    """Wrap a handler that yields responses (server- or bidi-streaming); always takes a slot."""
+
+    def wrap(
+        fn: Callable[[Any, Any, aio.ServicerContext], AsyncIterator[Resp]],
+    ) -> Callable[[Any, Any, aio.ServicerContext], AsyncIterator[Resp]]:
+        @functools.wraps(fn)
+        async def handler(
+            self: Host, request: Any, context: aio.ServicerContext
+        ) -> AsyncIterator[Resp]:
+            call = _Call(self, method, True)
+            try:
+                call.begin()
+                async for response in fn(self, request, context):
+                    yield response
+            except BaseException as exc:
+                await call.fail(context, exc)
+                raise  # pragma: no cover - fail() always raises
+            finally:
+                call.end()
+
+        return handler
+
+    return wrap
+
+
+def _is_abort(exc: BaseException) -> bool:
+    # grpc.aio raises AbortError out of context.abort(); it must propagate untouched.
+    return type(exc).__name__ == "AbortError"

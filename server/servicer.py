@@ -1,0 +1,224 @@
+"""The KVPack gRPC servicer: thin handlers over the store, the codec and Compress sessions.
+
+Every handler is wrapped by :mod:`kvpack.server.rpc` (errors -> status, metrics, stream limits).
+Keys are validated and put in the caller's tenant namespace here; another tenant's key answers
+NOT_FOUND exactly like a missing one, and the message never names the namespace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from grpc import aio
+
+from kvpack import __version__, codec, wire
+from kvpack.errors import InvalidArgument, NotFound
+from kvpack.server import container, convert, keys
+from kvpack.server.auth import Authenticator
+from kvpack.server.config import ServerConfig
+from kvpack.server.metrics import Metrics
+from kvpack.server.rpc import StreamLimiter, check_deadline, streaming, unary
+from kvpack.server.stores.base import Store
+from kvpack.v1 import kvpack_pb2 as pb
+from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+LIST_PAGE_DEFAULT = 100
+LIST_PAGE_MAX = 1000
+
+
+class KVPackServicer(pb_grpc.KVPackServicer):
+    """Handlers for kvpack.v1.KVPack. ``executor`` runs all CPU-heavy codec work."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: Store,
+        auth: Authenticator,
+        metrics: Metrics,
+        executor: ThreadPoolExecutor,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.auth = auth
+        self.metrics = metrics
+        self.executor = executor
+        self.streams = StreamLimiter(config.max_concurrent_streams)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def tenant(self, context: aio.ServicerContext) -> str:
+        """The caller's namespace (the interceptor already rejected bad tokens)."""
+        tenant = self.auth.tenant(context.invocation_metadata())
+        if tenant is None:  # pragma: no cover - the interceptor answers first
+            raise InvalidArgument("unauthenticated")
+        return tenant
+
+    def store_key(self, context: aio.ServicerContext, key: str) -> str:
+        return keys.namespaced(self.tenant(context), keys.validate_key(key))
+
+    async def in_executor(self, stage: str, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the codec pool, timing it as ``stage``."""
+        start = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+        finally:
+            self.metrics.stage_duration.labels(stage).observe(time.perf_counter() - start)
+
+    async def refresh_store_gauges(self) -> None:
+        """Update the store gauges from the store's own accounting."""
+        usage = await self.store.usage()
+        name = self.store.name
+        self.metrics.store_bytes.labels(name).set(usage.bytes)
+        self.metrics.store_entries.labels(name).set(usage.entries)
+        self.metrics.store_budget_bytes.labels(name).set(usage.budget)
+
+    # -- RPCs ----------------------------------------------------------------------------------
+
+    @streaming("Compress")
+    async def Compress(
+        self, request_iterator: AsyncIterator[pb.CompressRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.CompressResponse]:
+        from kvpack.server.compress import CompressSession
+
+        session = CompressSession(self, self.tenant(context), context)
+        async for response in session.run(request_iterator):
+            yield response
+
+    @streaming("Fetch")
+    async def Fetch(
+        self, request: pb.FetchRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.FetchResponse]:
+        key = self.store_key(context, request.key)
+        entry = await self._get(key, request.key)
+        start = time.perf_counter()
+        blob = entry.data
+        if request.layer_start or request.layer_end:
+            blob = await self.in_executor(
+                "fetch", container.slice_stored, blob, request.layer_start, request.layer_end
+            )
+        total = len(blob)
+        sent = 0
+        for chunk in wire.iter_chunks(blob):
+            check_deadline(context, "Fetch")
+            sent += len(chunk.data)
+            yield pb.FetchResponse(total_bytes=total, chunk=chunk)
+        if total == 0:
+            yield pb.FetchResponse(total_bytes=0)
+        self.metrics.fetch_bytes.inc(sent)
+        self.metrics.stage_duration.labels("fetch").observe(time.perf_counter() - start)
+
+    @unary("Put", stream=True)
+    async def Put(
+        self, request_iterator: AsyncIterator[pb.PutRequest], context: aio.ServicerContext
+    ) -> pb.PutResponse:
+        tenant = self.tenant(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("msg") != "header":
+            raise InvalidArgument("Put must start with a PutHeader")
+        header = first.header
+        if header.key:
+            keys.validate_key(header.key)
+        assembler = wire.BytesAssembler(
+            header.total_bytes,
+            max_bytes=self.config.max_request_bytes,
+            crc32=header.crc32,
+            what="Put container",
+        )
+        async for message in request_iterator:
+            if message.WhichOneof("msg") != "chunk":
+                raise InvalidArgument("Put expects only chunks after its header")
+            assembler.add(message.chunk)
+            check_deadline(context, "Put upload")
+        blob = bytes(assembler.result())
+        parsed = await self.in_executor("decode", container.verify_upload, blob)
+        key = header.key or keys.blob_key(blob)
+        meta = container.meta_from_header(parsed, blob)
+        await self._put(keys.namespaced(tenant, key), blob, meta)
+        return pb.PutResponse(key=key, stored_bytes=len(blob))
+
+    @unary("Delete")
+    async def Delete(
+        self, request: pb.DeleteRequest, context: aio.ServicerContext
+    ) -> pb.DeleteResponse:
+        key = self.store_key(context, request.key)
+        if not await self.store.delete(key):
+            raise NotFound(f"no entry {request.key!r}")
+        await self.refresh_store_gauges()
+        return pb.DeleteResponse(key=request.key)
+
+    @unary("Stat")
+    async def Stat(self, request: pb.StatRequest, context: aio.ServicerContext) -> pb.EntryInfo:
+        key = self.store_key(context, request.key)
+        try:
+            meta = await self.store.stat(key)
+        except NotFound:
+            raise NotFound(f"no entry {request.key!r}") from None
+        return convert.entry_info(request.key, meta)
+
+    @unary("List")
+    async def List(self, request: pb.ListRequest, context: aio.ServicerContext) -> pb.ListResponse:
+        keys.validate_prefix(request.prefix)
+        ns = keys.tenant_prefix(self.tenant(context))
+        size = min(request.page_size or LIST_PAGE_DEFAULT, LIST_PAGE_MAX)
+        after = _decode_page_token(request.page_token)
+        items = [
+            (k[len(ns) :], meta)
+            for k, meta in await self.store.list(ns + request.prefix)
+            if k[len(ns) :] > after
+        ]
+        page = items[:size]
+        response = pb.ListResponse(entries=[convert.entry_info(k, m) for k, m in page])
+        if len(items) > size:
+            response.next_page_token = _encode_page_token(page[-1][0])
+        return response
+
+    @unary("Info")
+    async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext) -> pb.InfoResponse:
+        return pb.InfoResponse(
+            version=__version__,
+            policies=[*sorted(codec.POLICIES), "none"],
+            quant_modes=["lossy", "fixed", "lossless"],
+            entropy_coders=["auto", "huffman", "zstd"],
+            container_version=int(getattr(codec, "CONTAINER_VERSION", 0)),
+            store=self.store.name,
+            limits=convert.limits(self.config),
+            auth_required=self.auth.required,
+        )
+
+    # -- store access with NOT_FOUND messages that never show the namespace ---------------------
+
+    async def _get(self, key: str, shown: str) -> Any:
+        start = time.perf_counter()
+        try:
+            return await self.store.get(key)
+        except NotFound:
+            raise NotFound(f"no entry {shown!r}") from None
+        finally:
+            self.metrics.stage_duration.labels("store").observe(time.perf_counter() - start)
+
+    async def _put(self, key: str, blob: bytes, meta: Any) -> None:
+        start = time.perf_counter()
+        try:
+            await self.store.put(key, blob, meta)
+        finally:
+            self.metrics.stage_duration.labels("store").observe(time.perf_counter() - start)
+        await self.refresh_store_gauges()
+
+
+def _encode_page_token(last_key: str) -> str:
+    return base64.urlsafe_b64encode(last_key.encode()).decode()
+
+
+def _decode_page_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("invalid page_token") from None
