@@ -1,0 +1,50 @@
+"""What a compression returns: the composite cache and the server's figures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One layer's figures from the server's summary (bytes; errors in K/V units)."""
+
+    layer: int
+    kept_tokens: int  # b_l per head
+    input_bytes: int
+    stored_bytes: int
+    key_max_abs_error: float
+    value_max_abs_error: float
+    key_rel_error: float
+    value_rel_error: float
+
+
+@dataclass
+class CompressResult:
+    """A compressed cache.
+
+    Attributes:
+        keys, values: per-layer composite K/V ``[B, Hkv, b_l, d]`` on the caller's device (empty
+            lists when the cache was not asked back).
+        indices: per-layer kept positions ``[B, Hkv, b_l]`` (int64; -1 pads rows/heads that
+            keep fewer).
+        key: the store key ('' when not stored).
+        input_bytes, kept_bytes, stored_bytes: raw uploaded, raw composite and stored bytes.
+        token_ratio: fraction of KV entries removed.
+        compression_ratio: input_bytes / stored_bytes (x; 0 when not stored).
+        timings_seconds: server stage -> seconds.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    indices: list[torch.Tensor]
+    key: str
+    layers: list[LayerStats] = field(default_factory=list)
+    input_bytes: int = 0
+    kept_bytes: int = 0
+    stored_bytes: int = 0
+    token_ratio: float = 0.0
+    compression_ratio: float = 0.0
+    timings_seconds: dict[str, float] = field(default_factory=dict)
