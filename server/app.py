@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +22,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from kvpack import codec
-from kvpack.errors import InvalidArgument
+from kvpack.errors import InvalidArgument, KVPackError
 from kvpack.options import server_options
 from kvpack.server.auth import Authenticator, AuthInterceptor, load_tokens
 from kvpack.server.config import ServerConfig
@@ -32,13 +33,20 @@ from kvpack.v1 import kvpack_pb2, kvpack_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+GAUGE_REFRESH_S = 15.0
 SERVICE_NAME = kvpack_pb2.DESCRIPTOR.services_by_name["KVPack"].full_name  # "kvpack.v1.KVPack"
 
 
 def make_store(config: ServerConfig) -> Store:
     """The store named by ``config.store``."""
-    if config.store != "memory":
-        raise InvalidArgument(f"store {config.store!r} is not built yet")
+    if config.store == "disk":
+        from kvpack.server.stores.disk import DiskStore
+
+        return DiskStore(Path(config.disk_path))
+    if config.store == "redis":
+        from kvpack.server.stores.redis import RedisStore
+
+        return RedisStore(config.redis_url, prefix=config.redis_prefix, ttl=config.redis_ttl)
     from kvpack.server.stores.memory import MemoryStore
 
     return MemoryStore(config.store_bytes)
@@ -76,6 +84,7 @@ class KVPackServer:
         self.port = 0
         self.metrics_http: MetricsHTTP | None = None
         self._server: aio.Server | None = None
+        self._gauges: asyncio.Task[None] | None = None
 
     @property
     def address(self) -> str:
@@ -113,7 +122,7 @@ class KVPackServer:
         self._server = server
         if self.config.metrics_port:
             self.metrics_http = self.metrics.start_http(self.config.host, self.config.metrics_port)
-        await self.servicer.refresh_store_gauges()
+        self._gauges = asyncio.create_task(self._refresh_gauges_forever())
         if not self.auth.required:
             log.warning("no auth tokens configured: the server is open to anyone who can reach it")
         for service in ("", SERVICE_NAME):
@@ -129,6 +138,9 @@ class KVPackServer:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING, refuse new calls, give running calls ``grace`` seconds."""
         await self.health.enter_graceful_shutdown()
+        if self._gauges is not None:
+            self._gauges.cancel()
+            self._gauges = None
         if self._server is not None:
             await self._server.stop(self.config.grace if grace is None else grace)
             self._server = None
@@ -137,6 +149,15 @@ class KVPackServer:
             self.metrics_http = None
         await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _refresh_gauges_forever(self) -> None:
+        """Keep the store gauges current even for stores others write to (shared Redis)."""
+        while True:
+            try:
+                await self.servicer.refresh_store_gauges()
+            except KVPackError as e:
+                log.warning("store gauges not refreshed: %s", e.message)
+            await asyncio.sleep(GAUGE_REFRESH_S)
 
     async def wait(self) -> None:
         """Block until the server stops."""

@@ -149,7 +149,8 @@ class KVPackServicer(pb_grpc.KVPackServicer):
         key = self.store_key(context, request.key)
         if not await self.store.delete(key):
             raise NotFound(f"no entry {request.key!r}")
-        await self.refresh_store_gauges()
+        if self.store.usage_is_cheap:
+            await self.refresh_store_gauges()
         return pb.DeleteResponse(key=request.key)
 
     @unary("Stat")
@@ -208,7 +209,8 @@ class KVPackServicer(pb_grpc.KVPackServicer):
             await self.store.put(key, blob, meta)
         finally:
             self.metrics.stage_duration.labels("store").observe(time.perf_counter() - start)
-        await self.refresh_store_gauges()
+        if self.store.usage_is_cheap:
+            await self.refresh_store_gauges()
 
 
 def _encode_page_token(last_key: str) -> str:

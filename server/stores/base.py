@@ -78,6 +78,8 @@ class Store(ABC):
     """
 
     name: str = "store"
+    #: False when usage() walks the backend (then the server refreshes gauges on a timer only).
+    usage_is_cheap: bool = True
 
     def __init__(self) -> None:
         self.on_evict: Callable[[int], None] = lambda n: None
