@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -89,3 +91,16 @@ def pyramid_split(total: int, layers: int, n: int, beta: float) -> list[int]:
             floors[i] += 1
             short -= 1
     return floors
+
+
+def top_counts(flat: torch.Tensor, total: int, n: int) -> torch.Tensor:
+    """Exact top-k allocation: how many of each row's `total` largest entries fall in each
+    consecutive block of `n` (a layer, or a (layer, head) pair).
+
+    flat: [B, blocks * n] scores. Equal values go to the lower index, so a lower block wins a
+    tie. Returns [B, blocks] int64; every row sums to `total` exactly.
+    """
+    chosen = flat.sort(dim=-1, descending=True, stable=True).indices[:, :total]
+    blocks = flat.shape[1] // n
+    counts = torch.zeros(flat.shape[0], blocks, dtype=torch.int64, device=flat.device)
+    return counts.scatter_add_(1, chosen // n, torch.ones_like(chosen))

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from kvpack.codec.budgets import uniform_split
+from kvpack.codec.budgets import top_counts, uniform_split
 from kvpack.codec.policies.base import EvictionInput, Policy, positions_from_order
 from kvpack.codec.settings import PolicySettings
 
@@ -107,7 +107,7 @@ class KVCompose(Policy):
         """Step 8: slots per layer and batch row, [L, B] int64, from the exact global top-N."""
         c = self.composite_scores(ranked)
         total = inp.budget.entries()
-        counts = _top_counts(c.transpose(0, 1).reshape(inp.batch, -1), total, inp.n)
+        counts = top_counts(c.transpose(0, 1).reshape(inp.batch, -1), total, inp.n)
         floor = max(1, self.settings.keep_token_lower_bound)
         return counts.transpose(0, 1).clamp(min=floor, max=inp.n)
 
@@ -119,7 +119,7 @@ class KVCompose(Policy):
         per_head = self._add_floor(ranked)
         flat = per_head.transpose(0, 1).reshape(inp.batch, -1)
         total = inp.budget.entries(per_slot=inp.num_kv_heads)
-        counts = _top_counts(flat, total, inp.n)
+        counts = top_counts(flat, total, inp.n)
         return counts.view(inp.batch, inp.layers, inp.num_kv_heads).transpose(0, 1)
 
     def _add_floor(self, c: torch.Tensor) -> torch.Tensor:
@@ -129,18 +129,6 @@ class KVCompose(Policy):
         bonus = torch.zeros(c.shape[-1], dtype=c.dtype, device=c.device)
         bonus[:floor] = FLOOR_BONUS
         return c + bonus
-
-
-def _top_counts(flat: torch.Tensor, total: int, n: int) -> torch.Tensor:
-    """How many of each row's `total` largest entries fall in each consecutive block of n.
-
-    flat: [B, blocks * n]. Equal values go to the lower index. Returns [B, blocks] int64 whose
-    rows sum to `total`.
-    """
-    chosen = flat.sort(dim=-1, descending=True, stable=True).indices[:, :total]
-    blocks = flat.shape[1] // n
-    counts = torch.zeros(flat.shape[0], blocks, dtype=torch.int64, device=flat.device)
-    return counts.scatter_add_(1, chosen // n, torch.ones_like(chosen))
 
 
 @dataclass(frozen=True)
