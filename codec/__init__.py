@@ -11,3 +11,24 @@ from kvpack.codec.selection import select as select
 from kvpack.codec.stats import reduce_gqa as reduce_gqa
 from kvpack.codec.stats import scores_from_attention as scores_from_attention
 from kvpack.codec.stats import scores_from_window as scores_from_window
+
+# isort: split
+# lossy encoding + container
+from kvpack.codec.container import ContainerHeader as ContainerHeader
+from kvpack.codec.container import DecodedCache as DecodedCache
+from kvpack.codec.container import append as append
+from kvpack.codec.container import assemble as assemble
+from kvpack.codec.container import decode as decode
+from kvpack.codec.container import encode as encode
+from kvpack.codec.container import read_header as read_header
+from kvpack.codec.container import slice_layers as slice_layers
+from kvpack.codec.container import verify as verify
+from kvpack.codec.format_error import FormatError as FormatError
+from kvpack.codec.layer_codec import EncodedLayer as EncodedLayer
+from kvpack.codec.layer_codec import LayerStats as LayerStats
+from kvpack.codec.layer_codec import encode_layer as encode_layer
+from kvpack.codec.quant_settings import QuantSettings as QuantSettings
+from kvpack.codec.rawbytes import dtype_from_name as dtype_from_name
+from kvpack.codec.rawbytes import dtype_name as dtype_name
+from kvpack.codec.rawbytes import tensor_from_bytes as tensor_from_bytes
+from kvpack.codec.rawbytes import tensor_to_bytes as tensor_to_bytes

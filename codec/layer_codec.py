@@ -1,0 +1,379 @@
+"""Encode and decode one layer's K and V into container sections (KVComp §2 per layer).
+
+Tokens [0, nb*T) of each stream are cut into blocks of T = block_tokens tokens and quantised
+(or, in lossless mode, byte-shuffled + zstd); the remaining newest tokens (at least the window,
+fewer than window + T) stay in full precision in a window section. K and V are separate streams
+with their own window and codebook.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import zstandard
+
+from kvpack.codec import entropy, lossless, quant
+from kvpack.codec.quant_settings import QuantSettings
+from kvpack.codec.rawbytes import (
+    dtype_from_name,
+    dtype_name,
+    itemsize,
+    tensor_from_bytes,
+    tensor_to_bytes,
+)
+
+
+@dataclass(frozen=True)
+class Section:
+    """One independently checksummed piece of a container: coder name, bytes, crc32."""
+
+    coder: str
+    data: bytes
+    crc: int
+
+    @classmethod
+    def of(cls, coder: str, data: bytes) -> Section:
+        return cls(coder, data, zlib.crc32(data))
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Reconstruction and size figures of one encoded layer.
+
+    Errors compare the decoded tensor (in the input dtype) with the input, over all tokens
+    (window tokens are exact): max |x - x̂| and ||x - x̂||_F / ||x||_F (0 for an all-zero x).
+    symbols: quantised symbols coded (constant groups have none); coded_bits: bits of their coded
+    payloads (no metadata); entropy_bits: order-0 Shannon information of those symbols, per
+    stream (K, V) and summed. raw_bytes: K+V input bytes; stored_bytes: all section bytes.
+    """
+
+    key_max_abs_error: float
+    value_max_abs_error: float
+    key_rel_error: float
+    value_rel_error: float
+    symbols: int
+    coded_bits: int
+    entropy_bits: float
+    raw_bytes: int
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class EncodedLayer:
+    """One layer ready for `assemble`: shapes [B, H, n, d], codebooks (code lengths or None) and
+    sections. `stats` is None for layers copied out of an existing container."""
+
+    dtype: str
+    settings: QuantSettings
+    k_shape: tuple[int, int, int, int]
+    v_shape: tuple[int, int, int, int]
+    k_codebook: tuple[int, ...] | None
+    v_codebook: tuple[int, ...] | None
+    indices: Section | None
+    k_blocks: tuple[Section, ...]
+    v_blocks: tuple[Section, ...]
+    k_window: Section
+    v_window: Section
+    stats: LayerStats | None
+
+    @property
+    def sections(self) -> list[Section]:
+        """Sections in container order: indices, K blocks, V blocks, K window, V window."""
+        head = [self.indices] if self.indices is not None else []
+        return [*head, *self.k_blocks, *self.v_blocks, self.k_window, self.v_window]
+
+    @property
+    def nbytes(self) -> int:
+        """Stored bytes of all sections."""
+        return sum(len(s.data) for s in self.sections)
+
+
+def encoded_tokens(n: int, window: int, block_tokens: int) -> int:
+    """Tokens of a stream of n tokens that live in blocks: whole blocks older than the window."""
+    return max(0, n - window) // block_tokens * block_tokens
+
+
+def group_count(kind: str, shape: tuple[int, ...], settings: QuantSettings) -> tuple[int, int]:
+    """(groups per block G, values per group m) of stream `kind` ("k"/"v") for shape [B,H,n,d]."""
+    b, h, _, d = shape
+    t = settings.block_tokens
+    if kind == "v":
+        return b * h * t, d
+    if settings.k_grouping == "channel":
+        return b * h * d, t
+    return b, h * t * d
+
+
+def _group(kind: str, x: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
+    if kind == "k":
+        return quant.group_k(x, settings.k_grouping, settings.block_tokens)
+    return quant.group_v(x, settings.block_tokens)
+
+
+def _ungroup(
+    kind: str, g: torch.Tensor, shape: tuple[int, int, int, int], settings: QuantSettings
+) -> torch.Tensor:
+    if kind == "k":
+        return quant.ungroup_k(g, shape, settings.k_grouping)
+    return quant.ungroup_v(g, shape)
+
+
+def _error_bound(kind: str, settings: QuantSettings) -> float:
+    return settings.k_error_bound if kind == "k" else settings.v_error_bound
+
+
+def _window(kind: str, settings: QuantSettings) -> int:
+    return settings.k_window if kind == "k" else settings.v_window
+
+
+@dataclass
+class _StreamOut:
+    blocks: list[Section]
+    window: Section
+    codebook: tuple[int, ...] | None
+    max_err: float
+    sq_err: float
+    sq_norm: float
+    symbols: int
+    coded_bits: int
+    entropy_bits: float
+
+
+def encode_stream(
+    kind: str,
+    x: torch.Tensor,
+    settings: QuantSettings,
+    codebook: tuple[int, ...] | None = None,
+    n_blocks: int | None = None,
+) -> _StreamOut:
+    """Encode K or V [B, H, n, d]: the first n_blocks blocks (default: all whole blocks older than
+    the window) as block sections, the rest as the window section. `codebook` is reused if given."""
+    t = settings.block_tokens
+    nb = (
+        encoded_tokens(x.shape[2], _window(kind, settings), t) // t
+        if n_blocks is None
+        else n_blocks
+    )
+    enc, tail = x[:, :, : nb * t], x[:, :, nb * t :]
+    size = x.element_size()
+    window = Section.of("lossless", lossless.shuffle_compress(tensor_to_bytes(tail), size))
+    sq_norm = float(x.to(torch.float32).square().sum())
+    if settings.mode == "lossless":
+        blocks = [
+            Section.of(
+                "lossless",
+                lossless.shuffle_compress(tensor_to_bytes(enc[:, :, i * t : (i + 1) * t]), size),
+            )
+            for i in range(nb)
+        ]
+        return _StreamOut(blocks, window, None, 0.0, 0.0, sq_norm, 0, 0, 0.0)
+    eb = _error_bound(kind, settings)
+    n_levels = quant.levels(eb)
+    groups = _group(kind, enc, settings)
+    q, mn, step = quant.quantize(groups, eb)
+    recon = quant.dequantize(q, mn, step, x.dtype).to(torch.float32)
+    diff = recon - groups.to(torch.float32)
+    max_err = float(diff.abs().max()) if diff.numel() else 0.0
+    sq_err = float(diff.square().sum())
+    q_np = q.cpu().numpy().view(np.uint16) if q.dtype == torch.int16 else q.cpu().numpy()
+    mn_np = mn.cpu().numpy().astype("<f4")
+    step_np = step.cpu().numpy().astype("<f4")
+    live = step_np != 0
+    symbols = q_np[live].reshape(-1)
+    counts = live.sum(axis=1) * q_np.shape[-1]
+    lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
+    coded = entropy.encode_symbol_blocks(
+        symbols, counts, n_levels, settings.entropy, settings.mode, lengths
+    )
+    blocks = [
+        Section.of(coder, mn_np[i].tobytes() + step_np[i].tobytes() + payload)
+        for i, (coder, payload) in enumerate(zip(coded.coders, coded.payloads, strict=True))
+    ]
+    meta_bytes = 8 * mn_np.size
+    coded_bits = 8 * (sum(len(s.data) for s in blocks) - meta_bytes)
+    new_book = tuple(int(v) for v in coded.lengths) if coded.lengths is not None else codebook
+    return _StreamOut(
+        blocks,
+        window,
+        new_book,
+        max_err,
+        sq_err,
+        sq_norm,
+        int(symbols.size),
+        coded_bits,
+        entropy.shannon_bits(symbols, n_levels),
+    )
+
+
+def encode_indices(indices: torch.Tensor) -> Section:
+    """Kept positions [B, H, n] int64 as zstd of their int64 LE deltas along the last axis."""
+    idx = indices.detach().to("cpu", torch.int64).numpy()
+    deltas = np.diff(idx, axis=-1, prepend=np.zeros((*idx.shape[:-1], 1), dtype=np.int64))
+    raw = np.ascontiguousarray(deltas).astype("<i8").tobytes()
+    return Section.of("zstd-delta", zstandard.ZstdCompressor(level=3).compress(raw))
+
+
+def decode_indices(
+    payload: bytes | memoryview, shape: tuple[int, ...], device: torch.device | str | None
+) -> torch.Tensor:
+    """Inverse of encode_indices for kept positions of `shape` [B, H, n]."""
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = lossless.zstd_exact(payload, 8 * count)
+    deltas = np.frombuffer(raw, dtype="<i8").reshape(shape)
+    out = torch.from_numpy(np.cumsum(deltas, axis=-1, dtype=np.int64))
+    return out if device is None else out.to(device)
+
+
+def check_layer_input(
+    k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor | None
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """ValueError unless K, V are [B, H, n, d] of one float dtype (fp32/fp16/bf16) with equal
+    B, H, n and indices (if any) is integer [B, H, n]."""
+    if k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"keys/values must be [B, H, n, d], got {tuple(k.shape)} / {tuple(v.shape)}"
+        )
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} differ in B, H or n")
+    if k.dtype != v.dtype or dtype_name(k.dtype) not in ("fp32", "fp16", "bf16"):
+        raise ValueError(
+            f"keys/values must share a dtype among fp32/fp16/bf16, got {k.dtype}/{v.dtype}"
+        )
+    if indices is not None and (
+        tuple(indices.shape) != tuple(k.shape[:3])
+        or indices.dtype.is_floating_point
+        or indices.dtype == torch.bool
+    ):
+        raise ValueError(f"indices must be integer [B, H, n] = {tuple(k.shape[:3])}")
+    ks = (int(k.shape[0]), int(k.shape[1]), int(k.shape[2]), int(k.shape[3]))
+    vs = (int(v.shape[0]), int(v.shape[1]), int(v.shape[2]), int(v.shape[3]))
+    return ks, vs
+
+
+def encode_layer(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    indices: torch.Tensor | None = None,
+    settings: QuantSettings = QuantSettings(),  # noqa: B008 (frozen, immutable)
+) -> EncodedLayer:
+    """Encode one layer: k [B, H, n, dk], v [B, H, n, dv] (fp32/fp16/bf16, any device), indices
+    [B, H, n] int64 kept positions or None. Thread-safe; layers can be encoded in parallel."""
+    settings.validate()
+    k_shape, v_shape = check_layer_input(k, v, indices)
+    ko = encode_stream("k", k, settings)
+    vo = encode_stream("v", v, settings)
+    idx = encode_indices(indices) if indices is not None else None
+    raw = (k.numel() + v.numel()) * k.element_size()
+    layer = EncodedLayer(
+        dtype_name(k.dtype),
+        settings,
+        k_shape,
+        v_shape,
+        ko.codebook,
+        vo.codebook,
+        idx,
+        tuple(ko.blocks),
+        tuple(vo.blocks),
+        ko.window,
+        vo.window,
+        None,
+    )
+    stats = LayerStats(
+        key_max_abs_error=ko.max_err,
+        value_max_abs_error=vo.max_err,
+        key_rel_error=(ko.sq_err / ko.sq_norm) ** 0.5 if ko.sq_norm > 0 else 0.0,
+        value_rel_error=(vo.sq_err / vo.sq_norm) ** 0.5 if vo.sq_norm > 0 else 0.0,
+        symbols=ko.symbols + vo.symbols,
+        coded_bits=ko.coded_bits + vo.coded_bits,
+        entropy_bits=ko.entropy_bits + vo.entropy_bits,
+        raw_bytes=raw,
+        stored_bytes=layer.nbytes,
+    )
+    return EncodedLayer(**{**layer.__dict__, "stats": stats})
+
+
+def check_block(
+    kind: str,
+    sec: Section | tuple[str, bytes | memoryview],
+    shape: tuple[int, int, int, int],
+    dtype: str,
+    settings: QuantSettings,
+    codebook: tuple[int, ...] | None,
+) -> int:
+    """Structural check of one block (sizes, metadata, coder framing; no symbol decoding).
+    Returns the number of coded symbols. ValueError subclasses on any inconsistency."""
+    coder, data = (sec.coder, sec.data) if isinstance(sec, Section) else sec
+    b, h, _, d = shape
+    t = settings.block_tokens
+    if settings.mode == "lossless":
+        if coder != "lossless":
+            raise ValueError(f"coder {coder!r} in a lossless container")
+        lossless.check_frame(data, b * h * t * d * itemsize(dtype))
+        return 0
+    g, m = group_count(kind, shape, settings)
+    if len(data) < 8 * g:
+        raise ValueError(f"{len(data)} bytes cannot hold {g} group minima and steps")
+    meta = np.frombuffer(data, dtype="<f4", count=2 * g)
+    if not np.isfinite(meta).all() or (meta[g:] < 0).any():
+        raise ValueError("non-finite group minimum or negative step")
+    count = int((meta[g:] != 0).sum()) * m
+    if (coder == "fixed") != (settings.mode == "fixed"):
+        raise ValueError(f"coder {coder!r} does not belong to mode {settings.mode!r}")
+    lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
+    n_levels = quant.levels(_error_bound(kind, settings))
+    entropy.check_symbol_block(coder, data[8 * g :], count, n_levels, lengths)
+    return count
+
+
+def decode_stream(
+    kind: str,
+    blocks: list[tuple[str, memoryview]],
+    window: memoryview,
+    shape: tuple[int, int, int, int],
+    dtype: str,
+    settings: QuantSettings,
+    codebook: tuple[int, ...] | None,
+    device: torch.device | str | None,
+) -> torch.Tensor:
+    """Decode one stream to a tensor of `shape` [B, H, n, d] and `dtype` on `device`.
+    Sections must already be checksum-verified; ValueError subclasses on inconsistencies."""
+    b, h, n, d = shape
+    t = settings.block_tokens
+    nb = len(blocks)
+    size = itemsize(dtype)
+    tail_shape = (b, h, n - nb * t, d)
+    tail_raw = lossless.unshuffle_decompress(window, size, int(np.prod(tail_shape)) * size)
+    tail = tensor_from_bytes(tail_raw, dtype, tail_shape, device)
+    if nb == 0:
+        return tail
+    if settings.mode == "lossless":
+        nbytes = b * h * t * d * size
+        parts = [
+            tensor_from_bytes(
+                lossless.unshuffle_decompress(data, size, nbytes), dtype, (b, h, t, d), device
+            )
+            for _, data in blocks
+        ]
+        return torch.cat([*parts, tail], dim=2)
+    g, m = group_count(kind, shape, settings)
+    counts = [check_block(kind, (c, p), shape, dtype, settings, codebook) for c, p in blocks]
+    meta = np.stack([np.frombuffer(p, dtype="<f4", count=2 * g) for _, p in blocks])
+    mn, step = meta[:, :g], meta[:, g:]
+    n_levels = quant.levels(_error_bound(kind, settings))
+    lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
+    syms = entropy.decode_symbol_blocks(
+        [c for c, _ in blocks], [p[8 * g :] for _, p in blocks], counts, n_levels, lengths
+    )
+    sym_dtype = quant.symbol_dtype(n_levels)
+    q = np.zeros((nb, g, m), dtype=np.uint8 if sym_dtype == torch.uint8 else np.int16)
+    q[step != 0] = np.concatenate(syms).astype(q.dtype).reshape(-1, m)
+    x = quant.dequantize(
+        torch.from_numpy(q).to(device or "cpu"),
+        torch.from_numpy(mn.copy()).to(device or "cpu"),
+        torch.from_numpy(step.copy()).to(device or "cpu"),
+        dtype_from_name(dtype),
+    )
+    return torch.cat([_ungroup(kind, x, (b, h, nb * t, d), settings), tail], dim=2)
