@@ -1,0 +1,280 @@
+"""Shared helpers of the deployment checks: file locations, YAML/Dockerfile parsing, PromQL names.
+
+No Docker: the deployment files are parsed and cross-checked here, and the topology they describe
+is run as real processes by test_deploy_live.py.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+ENVOY = DEPLOY / "envoy" / "envoy.yaml"
+PROMETHEUS = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
+GRAFANA = DEPLOY / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "kvpack.json"
+HEALTHCHECK = DEPLOY / "healthcheck.py"
+K8S = DEPLOY / "k8s"
+
+#: Series Prometheus itself adds to every target; expressions may use them without kvpack
+#: exporting them.
+PROMETHEUS_SYNTHETIC = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
+
+
+def load_yaml(path: Path) -> Any:
+    with path.open() as f:
+        return yaml.safe_load(f)
+
+
+def load_yaml_all(path: Path) -> list[Any]:
+    with path.open() as f:
+        return [doc for doc in yaml.safe_load_all(f) if doc is not None]
+
+
+def k8s_docs() -> list[tuple[Path, dict[str, Any]]]:
+    """Every manifest document under deploy/k8s, with its file."""
+    return [(p, doc) for p in sorted(K8S.glob("*.yaml")) for doc in load_yaml_all(p)]
+
+
+# -- Dockerfile --------------------------------------------------------------------------------
+
+
+@dataclass
+class Instruction:
+    keyword: str  # upper case: FROM, RUN, COPY, ...
+    args: str  # the rest of the logical line, continuations joined
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+
+def dockerfile_instructions(text: str) -> list[Instruction]:
+    """Logical instructions: comments dropped, backslash continuations joined."""
+    out: list[Instruction] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue  # comment lines inside a continuation are ignored by Docker too
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        out.append(Instruction(keyword.upper(), args.strip()))
+    assert not pending, "Dockerfile ends inside a line continuation"
+    return out
+
+
+def dockerfile_stages(text: str) -> tuple[list[Instruction], list[Stage]]:
+    """(global ARGs before the first FROM, stages in order)."""
+    head: list[Instruction] = []
+    stages: list[Stage] = []
+    for ins in dockerfile_instructions(text):
+        if ins.keyword == "FROM":
+            words = [w for w in ins.args.split() if not w.startswith("--")]
+            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(words[0], name))
+        elif stages:
+            stages[-1].instructions.append(ins)
+        else:
+            head.append(ins)
+    return head, stages
+
+
+def exec_form(args: str) -> list[str]:
+    """A JSON exec-form argument list (``["a", "b"]``); shell form is split like a shell."""
+    args = args.strip()
+    if args.startswith("["):
+        value = json.loads(args)
+        assert isinstance(value, list) and all(isinstance(v, str) for v in value), args
+        return value
+    return shlex.split(args)
+
+
+def dockerignore_patterns() -> list[tuple[bool, str]]:
+    """(negated, pattern) per line of .dockerignore, comments and blanks dropped."""
+    out = []
+    for raw in DOCKERIGNORE.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        neg = line.startswith("!")
+        out.append((neg, line.lstrip("!").strip().strip("/")))
+    return out
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore excludes ``path`` (relative to the context) from the build context.
+
+    Docker's rules: the last matching pattern wins; a pattern matching a parent directory
+    excludes everything below it; ``**`` matches any number of directories.
+    """
+    parts = path.strip("/").split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for neg, pattern in dockerignore_patterns():
+        regex = _glob_regex(pattern)
+        if any(regex.fullmatch(p) for p in prefixes):
+            excluded = not neg
+    return excluded
+
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    out = ""
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out += "(?:.*/)?"
+            i += 3
+        elif pattern.startswith("**", i):
+            out += ".*"
+            i += 2
+        elif pattern[i] == "*":
+            out += "[^/]*"
+            i += 1
+        elif pattern[i] == "?":
+            out += "[^/]"
+            i += 1
+        else:
+            out += re.escape(pattern[i])
+            i += 1
+    return re.compile(out)
+
+
+# -- PromQL ------------------------------------------------------------------------------------
+
+# Aggregation operators, keywords and literals that look like identifiers but name no series.
+_PROMQL_WORDS = frozenset(
+    {
+        *("sum", "min", "max", "avg", "group", "stddev", "stdvar", "count", "count_values"),
+        *("bottomk", "topk", "quantile", "limitk", "limit_ratio"),
+        *("by", "without", "on", "ignoring", "group_left", "group_right", "bool"),
+        *("and", "or", "unless", "offset", "atan2", "inf", "nan"),
+    }
+)
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`')
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
+_RANGE = re.compile(r"\[[^\]]*\]")
+_OFFSET = re.compile(r"\boffset\s+-?[0-9a-zA-Z_$]+")
+_MATCHERS = re.compile(r"\{[^}]*\}")
+_NUMBER = re.compile(r"(?<![\w:])(?:0x[0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)")
+_IDENT = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+_SELECTOR = re.compile(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
+_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+_LABEL_VALUES = re.compile(r"^\s*label_values\(\s*([a-zA-Z_:][a-zA-Z0-9_:]*)")
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects (``rate(x_total[5m])`` -> ``{"x_total"}``).
+
+    Lexical, not a full parser: strings, label matchers, ranges, offsets, grouping label lists,
+    numbers and Grafana variables are removed; what is left that is not followed by ``(`` (a
+    function) and is not a keyword is a metric name. promtool parses the same expressions in
+    test_deploy_promtool.py, so a syntax error cannot hide here.
+    """
+    m = _LABEL_VALUES.match(expr)
+    if m:  # Grafana variable query: label_values(metric, label)
+        return {m.group(1)}
+    text = _STRING.sub(" ", expr)
+    text = _MATCHERS.sub(" ", text)
+    text = _RANGE.sub(" ", text)
+    text = _OFFSET.sub(" ", text)
+    text = _GROUPING.sub(" ", text)
+    text = re.sub(r"\$\{[^}]*\}|\$\w+", " ", text)
+    text = _NUMBER.sub(" ", text)
+    names = set()
+    for m in _IDENT.finditer(text):
+        name = m.group(0)
+        if name in _PROMQL_WORDS or text[m.end() :].lstrip().startswith("("):
+            continue
+        names.add(name)
+    return names
+
+
+def promql_label_matchers(expr: str) -> list[tuple[str, str]]:
+    """(metric, label) for every label matcher written on a named selector."""
+    text = _STRING.sub('""', expr)
+    return [
+        (m.group(1), label)
+        for m in _SELECTOR.finditer(text)
+        for label in _MATCHER.findall(m.group(2))
+    ]
+
+
+def dashboard_panels(node: Any) -> Iterator[dict[str, Any]]:
+    """Every panel, including those nested in rows."""
+    for panel in node.get("panels", []):
+        yield panel
+        yield from dashboard_panels(panel)
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    """(where, PromQL) for every panel target and templating query of the dashboard."""
+    dash = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in dashboard_panels(dash):
+        for target in panel.get("targets", []):
+            out.append((f"panel {panel['title']!r} {target['refId']}", target["expr"]))
+    for var in dash.get("templating", {}).get("list", []):
+        query = var.get("query")
+        query = query.get("query") if isinstance(query, dict) else query
+        if var.get("type") == "query" and query:
+            out.append((f"variable {var['name']!r}", query))
+    return out
+
+
+def rule_expressions() -> list[tuple[str, str]]:
+    """(where, PromQL) for every alerting/recording rule in alerts.yml."""
+    out = []
+    for group in load_yaml(ALERTS)["groups"]:
+        for rule in group["rules"]:
+            out.append((f"rule {rule.get('alert') or rule.get('record')}", rule["expr"]))
+    return out
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's template variables replaced by values Prometheus accepts (for promtool)."""
+    expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
+    return re.sub(r"\$\{?(\w+)\}?", ".*", expr)
+
+
+# -- promtool ----------------------------------------------------------------------------------
+
+
+def promtool_path() -> str | None:
+    return shutil.which("promtool")
+
+
+def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    tool = promtool_path()
+    assert tool is not None
+    return subprocess.run(
+        [tool, *args], capture_output=True, text=True, cwd=cwd, timeout=60, check=False
+    )
