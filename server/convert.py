@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-
-from kvpack import wire
+from kvpack import codec, wire
 from kvpack.options import MAX_MESSAGE_BYTES
 from kvpack.server.config import ServerConfig
 from kvpack.server.stores.base import EntryMeta
@@ -12,12 +10,9 @@ from kvpack.v1 import kvpack_pb2 as pb
 
 
 def dtype_enum(name: str) -> int:
-    """``"bfloat16"`` -> ``DTYPE_BFLOAT16``; unknown or empty -> ``DTYPE_UNSPECIFIED``."""
-    dtype = getattr(torch, name, None) if name else None
-    if not isinstance(dtype, torch.dtype):
-        return pb.DTYPE_UNSPECIFIED
+    """Container dtype name (``"bf16"``) -> ``DTYPE_BFLOAT16``; unknown -> UNSPECIFIED."""
     try:
-        return wire.dtype_from_torch(dtype)
+        return wire.dtype_from_torch(codec.dtype_from_name(name))
     except ValueError:
         return pb.DTYPE_UNSPECIFIED
 

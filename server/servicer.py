@@ -20,6 +20,7 @@ from kvpack import __version__, codec, wire
 from kvpack.errors import InvalidArgument, NotFound
 from kvpack.server import container, convert, keys
 from kvpack.server.auth import Authenticator
+from kvpack.server.compress import CompressSession
 from kvpack.server.config import ServerConfig
 from kvpack.server.metrics import Metrics
 from kvpack.server.rpc import StreamLimiter, check_deadline, streaming, unary
@@ -84,8 +85,6 @@ class KVPackServicer(pb_grpc.KVPackServicer):
     async def Compress(
         self, request_iterator: AsyncIterator[pb.CompressRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.CompressResponse]:
-        from kvpack.server.compress import CompressSession
-
         session = CompressSession(self, self.tenant(context), context)
         async for response in session.run(request_iterator):
             yield response
@@ -139,7 +138,7 @@ class KVPackServicer(pb_grpc.KVPackServicer):
         parsed = await self.in_executor("decode", container.verify_upload, blob)
         key = header.key or keys.blob_key(blob)
         meta = container.meta_from_header(parsed, blob)
-        await self._put(keys.namespaced(tenant, key), blob, meta)
+        await self.put_entry(keys.namespaced(tenant, key), blob, meta)
         return pb.PutResponse(key=key, stored_bytes=len(blob))
 
     @unary("Delete")
@@ -203,7 +202,8 @@ class KVPackServicer(pb_grpc.KVPackServicer):
         finally:
             self.metrics.stage_duration.labels("store").observe(time.perf_counter() - start)
 
-    async def _put(self, key: str, blob: bytes, meta: Any) -> None:
+    async def put_entry(self, key: str, blob: bytes, meta: Any) -> None:
+        """Store ``blob`` under the namespaced ``key``, timing it as the "store" stage."""
         start = time.perf_counter()
         try:
             await self.store.put(key, blob, meta)

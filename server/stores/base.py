@@ -22,7 +22,8 @@ class EntryMeta:
     """What Stat/List report about an entry without reading its bytes.
 
     ``stored_bytes``: container size; ``original_bytes``: raw bytes of the cache it decodes to;
-    ``dtype``: torch dtype name of K/V ("bfloat16", ...); ``codec``: e.g. "lossy/huffman";
+    ``dtype``: container dtype name of K/V ("bf16", "fp16", "fp32");
+    ``codec``: e.g. "lossy/huffman";
     ``sha256``: hex digest of the container, checked on read by stores that keep it.
     """
 

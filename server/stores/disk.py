@@ -4,8 +4,7 @@ File layout (little-endian): ``b"KVPE1\\n"`` magic, u32 header length, header JS
 ``{"key": full key, "meta": EntryMeta incl. the container's sha256}``, then the container bytes.
 Writes go to a temporary file in the same directory, are fsynced, then ``os.replace``d into
 place (and the directory fsynced), so a reader sees either the old entry or the whole new one.
-Reads verify the
-sha256; a mismatch or a truncated file is DATA_LOSS.
+Reads verify the sha256; a mismatch or a truncated file is DATA_LOSS.
 
 File names are ``sha256(key).hex() + ".kvpe"``: safe for any key, fixed length (keys up to 200
 characters plus a tenant would not fit 255-byte names once escaped). The key -> metadata index is
