@@ -48,3 +48,31 @@ class CompressResult:
     token_ratio: float = 0.0
     compression_ratio: float = 0.0
     timings_seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """A stored entry (Stat / List)."""
+
+    key: str
+    stored_bytes: int
+    original_bytes: int  # raw bytes of the cache it decodes to
+    created_unix: float  # seconds since the epoch
+    num_layers: int
+    dtype: str  # "float16", "bfloat16", "float32" ('' when unknown)
+    codec: str  # e.g. "lossy/huffman"
+    settings: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a server offers (Info)."""
+
+    version: str
+    policies: list[str]
+    quant_modes: list[str]
+    entropy_coders: list[str]
+    container_version: int
+    store: str
+    auth_required: bool
+    limits: dict[str, int]  # proto Limits field -> value

@@ -1,0 +1,336 @@
+"""Protobuf messages of the client calls: building the Compress upload, reading its answer.
+
+Shared by the sync and asyncio clients so both speak the proto's order exactly: header, then the
+statistics tensor (scores or window queries) when given, then for each layer its KEYS then VALUES
+tensor, then Finish; all tensor bytes in ``kvpack.wire.CHUNK_BYTES`` chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from kvpack import wire
+from kvpack.client.result import CompressResult, EntryInfo, LayerStats, ServerInfo
+from kvpack.errors import InvalidArgument
+from kvpack.v1 import kvpack_pb2 as pb
+
+MiB = 1 << 20
+_QUANT_FIELDS = {f.name for f in pb.QuantSettings.DESCRIPTOR.fields}
+
+
+def as_layers(tensors: Sequence[torch.Tensor] | torch.Tensor, what: str) -> list[torch.Tensor]:
+    """Per-layer list from a list or a stacked ``[L, B, Hkv, n, d]`` tensor."""
+    if isinstance(tensors, torch.Tensor):
+        if tensors.ndim != 5:
+            raise InvalidArgument(
+                f"stacked {what} must be [L, B, Hkv, n, d], got {tuple(tensors.shape)}"
+            )
+        return list(tensors.unbind(0))
+    layers = list(tensors)
+    if not layers:
+        raise InvalidArgument(f"{what}: no layers")
+    return layers
+
+
+def quant_message(quant: Any) -> pb.QuantSettings:
+    """``QuantSettings`` from None (codec defaults), a proto, a mapping or a dataclass with the
+    proto's field names (e.g. ``kvpack.codec.QuantSettings``); unset/None fields are left out."""
+    if quant is None:
+        return pb.QuantSettings()
+    if isinstance(quant, pb.QuantSettings):
+        return quant
+    if dataclasses.is_dataclass(quant) and not isinstance(quant, type):
+        quant = dataclasses.asdict(quant)
+    if not isinstance(quant, Mapping):
+        raise InvalidArgument(
+            f"quant must be a mapping or QuantSettings, not {type(quant).__name__}"
+        )
+    unknown = set(quant) - _QUANT_FIELDS
+    if unknown:
+        raise InvalidArgument(
+            f"unknown quant settings {sorted(unknown)}; known: {sorted(_QUANT_FIELDS)}"
+        )
+    return pb.QuantSettings(**{k: v for k, v in quant.items() if v is not None})
+
+
+@dataclasses.dataclass
+class CompressUpload:
+    """A validated Compress request: header plus the tensors to stream, in wire order."""
+
+    header: pb.CompressHeader
+    stats: tuple[int, torch.Tensor] | None  # (TensorKind, tensor)
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        """Raw bytes uploaded (statistics + K + V)."""
+        total = sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        if self.stats is not None:
+            total += self.stats[1].numel() * self.stats[1].element_size()
+        return total
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
+
+    def requests(self) -> Iterator[pb.CompressRequest]:
+        """The request stream; tensors are copied to host memory one at a time as it is read."""
+        yield pb.CompressRequest(header=self.header)
+        if self.stats is not None:
+            yield from _tensor_requests(self.stats[0], 0, self.stats[1])
+        for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            yield from _tensor_requests(pb.TENSOR_KIND_KEYS, layer, k)
+            yield from _tensor_requests(pb.TENSOR_KIND_VALUES, layer, v)
+        yield pb.CompressRequest(finish=pb.Finish())
+
+
+def _tensor_requests(kind: int, layer: int, tensor: torch.Tensor) -> Iterator[pb.CompressRequest]:
+    for msg in wire.iter_tensor_messages(kind, layer, tensor):
+        if isinstance(msg, pb.TensorBegin):
+            yield pb.CompressRequest(begin=msg)
+        else:
+            yield pb.CompressRequest(chunk=msg)
+
+
+def compress_upload(
+    keys: Sequence[torch.Tensor] | torch.Tensor,
+    values: Sequence[torch.Tensor] | torch.Tensor,
+    *,
+    scores: torch.Tensor | None,
+    window_queries: torch.Tensor | None,
+    policy: str,
+    ratio: float | None,
+    n_keep: int | None,
+    policy_settings: Mapping[str, Any] | None,
+    quant: Any,
+    store: bool,
+    key: str | None,
+    model: str | None,
+    token_ids: Sequence[int] | torch.Tensor | None,
+    return_cache: bool,
+) -> CompressUpload:
+    """Checks the arguments of ``compress`` and builds its upload.
+
+    Args:
+        keys, values: per-layer ``[B, Hkv, n, d]`` (all layers the same shape and dtype) or
+            stacked ``[L, B, Hkv, n, d]``.
+        scores: ``[L, B, H, n]`` attention statistics (H = query or KV heads).
+        window_queries: ``[L, B, Hq, W, d]`` observation-window queries (after RoPE).
+    """
+    k_layers, v_layers = as_layers(keys, "keys"), as_layers(values, "values")
+    if len(k_layers) != len(v_layers):
+        raise InvalidArgument(f"{len(k_layers)} key layers but {len(v_layers)} value layers")
+    shape, dtype = k_layers[0].shape, k_layers[0].dtype
+    if len(shape) != 4:
+        raise InvalidArgument(f"keys must be [B, Hkv, n, d] per layer, got {tuple(shape)}")
+    for layer, (k, v) in enumerate(zip(k_layers, v_layers, strict=True)):
+        if k.shape != shape or v.shape != shape or k.dtype != dtype or v.dtype != dtype:
+            raise InvalidArgument(
+                f"layer {layer}: keys {tuple(k.shape)} {k.dtype} / values {tuple(v.shape)} "
+                f"{v.dtype}; every layer must match layer 0 ({tuple(shape)} {dtype})"
+            )
+    if scores is not None and window_queries is not None:
+        raise InvalidArgument("give scores or window_queries, not both")
+    batch, kv_heads, n, head_dim = shape
+    num_layers = len(k_layers)
+    query_heads = 0
+    stats: tuple[int, torch.Tensor] | None = None
+    if scores is not None:
+        if (
+            tuple(scores.shape[:2]) != (num_layers, batch)
+            or scores.ndim != 4
+            or scores.shape[3] != n
+        ):
+            raise InvalidArgument(
+                f"scores must be [L={num_layers}, B={batch}, H, n={n}], got {tuple(scores.shape)}"
+            )
+        query_heads = scores.shape[2]
+        stats = (pb.TENSOR_KIND_SCORES, scores)
+    elif window_queries is not None:
+        if window_queries.ndim != 5 or tuple(window_queries.shape[:2]) != (num_layers, batch):
+            raise InvalidArgument(
+                f"window_queries must be [L={num_layers}, B={batch}, Hq, W, d], "
+                f"got {tuple(window_queries.shape)}"
+            )
+        query_heads = window_queries.shape[2]
+        stats = (pb.TENSOR_KIND_WINDOW_QUERIES, window_queries)
+    if isinstance(token_ids, torch.Tensor):
+        token_ids = token_ids.reshape(-1).tolist()
+    header = pb.CompressHeader(
+        layout=pb.Layout(
+            num_layers=num_layers,
+            batch_size=batch,
+            num_kv_heads=kv_heads,
+            num_query_heads=query_heads,
+            head_dim=head_dim,
+            seq_len=n,
+            dtype=wire.dtype_from_torch(dtype),  # type: ignore[arg-type]
+        ),
+        policy=policy,
+        policy_settings={k: str(v) for k, v in (policy_settings or {}).items()},
+        quant=quant_message(quant),
+        store=store,
+        return_cache=return_cache,
+        key=key or "",
+        model=model or "",
+        token_ids=list(token_ids or []),
+    )
+    if ratio is not None:
+        header.ratio = ratio
+    if n_keep is not None:
+        header.n_keep = n_keep
+    return CompressUpload(header, stats, k_layers, v_layers)
+
+
+class CompressAnswer:
+    """Reassembles the Compress response stream: per-layer tensors, then the summary."""
+
+    def __init__(self, num_layers: int, max_tensor_bytes: int, device: torch.device) -> None:
+        self.num_layers = num_layers
+        self.max_tensor_bytes = max_tensor_bytes
+        self.device = device
+        self.tensors: dict[tuple[int, int], torch.Tensor] = {}
+        self.summary: pb.CompressSummary | None = None
+        self._current: wire.TensorAssembler | None = None
+
+    def add(self, response: pb.CompressResponse) -> None:
+        kind = response.WhichOneof("msg")
+        if self.summary is not None:
+            raise InvalidArgument(f"server sent {kind} after the summary")
+        if kind == "begin":
+            if self._current is not None:
+                raise InvalidArgument(f"server began a tensor inside {self._current.what}")
+            begin = response.begin
+            if begin.layer >= self.num_layers or begin.kind not in _ANSWER_KINDS:
+                raise InvalidArgument(f"unexpected tensor kind {begin.kind} layer {begin.layer}")
+            self._current = wire.TensorAssembler(begin, max_bytes=self.max_tensor_bytes)
+            if self._current.done:
+                self._finish_tensor()
+        elif kind == "chunk":
+            if self._current is None:
+                raise InvalidArgument("server sent a chunk outside a tensor")
+            if self._current.add(response.chunk):
+                self._finish_tensor()
+        elif kind == "summary":
+            if self._current is not None:
+                raise InvalidArgument(f"summary arrived inside {self._current.what}")
+            self.summary = response.summary
+
+    def _finish_tensor(self) -> None:
+        assert self._current is not None
+        tensor = self._current.tensor().to(self.device, non_blocking=True)
+        self.tensors[(self._current.kind, self._current.layer)] = tensor
+        self._current = None
+
+    def result(self, return_cache: bool) -> CompressResult:
+        if self.summary is None:
+            raise InvalidArgument("Compress stream ended without a summary")
+        s = self.summary
+        keys, values, indices = [], [], []
+        if return_cache:
+            try:
+                for layer in range(self.num_layers):
+                    keys.append(self.tensors[(pb.TENSOR_KIND_KEYS, layer)])
+                    values.append(self.tensors[(pb.TENSOR_KIND_VALUES, layer)])
+                    indices.append(self.tensors[(pb.TENSOR_KIND_INDICES, layer)])
+            except KeyError as e:
+                raise InvalidArgument(f"server did not return tensor {e.args[0]}") from None
+        return CompressResult(
+            keys=keys,
+            values=values,
+            indices=indices,
+            key=s.key,
+            layers=[
+                LayerStats(
+                    layer=x.layer,
+                    kept_tokens=x.kept_tokens,
+                    input_bytes=x.input_bytes,
+                    stored_bytes=x.stored_bytes,
+                    key_max_abs_error=x.key_max_abs_error,
+                    value_max_abs_error=x.value_max_abs_error,
+                    key_rel_error=x.key_rel_error,
+                    value_rel_error=x.value_rel_error,
+                )
+                for x in s.layers
+            ],
+            input_bytes=s.input_bytes,
+            kept_bytes=s.kept_bytes,
+            stored_bytes=s.stored_bytes,
+            token_ratio=s.token_ratio,
+            compression_ratio=s.compression_ratio,
+            timings_seconds=dict(s.timings_seconds),
+        )
+
+
+_ANSWER_KINDS = (pb.TENSOR_KIND_KEYS, pb.TENSOR_KIND_VALUES, pb.TENSOR_KIND_INDICES)
+
+
+def fetch_request(key: str, layers: tuple[int, int] | range | None) -> pb.FetchRequest:
+    """``layers``: half-open ``(start, end)`` or a step-1 range; None = all layers."""
+    if layers is None:
+        return pb.FetchRequest(key=key)
+    if isinstance(layers, range):
+        if layers.step != 1:
+            raise InvalidArgument("fetch layers must be a contiguous range")
+        layers = (layers.start, layers.stop)
+    start, end = layers
+    if not 0 <= start < end:
+        raise InvalidArgument(f"invalid layer range [{start}, {end})")
+    return pb.FetchRequest(key=key, layer_start=start, layer_end=end)
+
+
+def entry_info(msg: pb.EntryInfo) -> EntryInfo:
+    dtype = ""
+    if msg.dtype:
+        dtype = str(wire.dtype_to_torch(msg.dtype)).removeprefix("torch.")
+    return EntryInfo(
+        key=msg.key,
+        stored_bytes=msg.stored_bytes,
+        original_bytes=msg.original_bytes,
+        created_unix=msg.created_unix,
+        num_layers=msg.num_layers,
+        dtype=dtype,
+        codec=msg.codec,
+        settings=dict(msg.settings),
+    )
+
+
+def server_info(msg: pb.InfoResponse) -> ServerInfo:
+    limits = msg.limits
+    return ServerInfo(
+        version=msg.version,
+        policies=list(msg.policies),
+        quant_modes=list(msg.quant_modes),
+        entropy_coders=list(msg.entropy_coders),
+        container_version=msg.container_version,
+        store=msg.store,
+        auth_required=msg.auth_required,
+        limits={f.name: getattr(limits, f.name) for f in limits.DESCRIPTOR.fields},
+    )
+
+
+def put_requests(blob: bytes, key: str | None) -> Iterator[pb.PutRequest]:
+    """PutHeader (key, size, CRC-32) then the container's chunks."""
+    yield pb.PutRequest(
+        header=pb.PutHeader(key=key or "", total_bytes=len(blob), crc32=zlib.crc32(blob))
+    )
+    for chunk in wire.iter_chunks(blob):
+        yield pb.PutRequest(chunk=chunk)
+
+
+def blob_assembler(first: pb.FetchResponse, max_bytes: int) -> wire.BytesAssembler:
+    return wire.BytesAssembler(first.total_bytes, max_bytes=max_bytes, what="fetched container")
+
+
+def answer_limit(upload: CompressUpload) -> int:
+    """Largest tensor the server may answer with: a composite layer is at most an uploaded
+    layer; int64 indices ``[B, Hkv, n]`` can exceed that for tiny head dims."""
+    k = upload.keys[0]
+    batch, heads, n, _ = k.shape
+    return max(k.numel() * k.element_size(), batch * heads * n * 8, 1)
