@@ -8,9 +8,13 @@ import torch
 
 
 def _gather_one(cache: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    d = cache.shape[-1]
+    batch, heads, n, d = cache.shape
     padded = idx < 0
-    picked = cache.gather(2, idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, d))
+    # Whole d-vectors via index_select on a [B*Hkv*n, d] view: an order of magnitude faster on
+    # CPU than an element-wise gather with an expanded index.
+    base = torch.arange(batch * heads, device=idx.device).view(batch, heads, 1) * n
+    rows = (idx.clamp(min=0) + base).reshape(-1)
+    picked = cache.reshape(-1, d).index_select(0, rows).view(batch, heads, -1, d)
     if bool(padded.any()):
         picked = picked.masked_fill(padded.unsqueeze(-1), 0)
     return picked
