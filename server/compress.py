@@ -25,6 +25,7 @@ control), so memory stays bounded by a few layers plus the encoded container.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import math
 import time
@@ -36,9 +37,9 @@ from grpc import aio
 
 from kvpack import codec, wire
 from kvpack.codec.selection import make_policy
-from kvpack.errors import InvalidArgument, ResourceExhausted
+from kvpack.errors import InvalidArgument, KVPackError, ResourceExhausted
 from kvpack.server import container, keys
-from kvpack.server.rpc import check_deadline
+from kvpack.server.rpc import DRAIN_SECONDS, check_deadline, drain
 from kvpack.v1 import kvpack_pb2 as pb
 
 if TYPE_CHECKING:
@@ -215,21 +216,23 @@ class CompressSession:
         self.queries: torch.Tensor | None = None  # [L, B, Hq, W, d]
         self.received = 0
         self.timings: dict[str, float] = {}
-        self.ahead = asyncio.Semaphore(max(2, self.config.workers))
+        self.num_slots = max(2, self.config.workers)  # layers in flight at once
+        self.ahead = asyncio.Semaphore(self.num_slots)
         self.jobs: asyncio.Queue[Any] = asyncio.Queue()
+        self.abandoned = False  # a layer failed: the reader stops and drains the upload
 
     # -- reading the client stream --------------------------------------------------------------
 
     async def _read(self, requests: AsyncIterator[pb.CompressRequest]) -> None:
         """Consume the client stream, queueing one future per layer, then ``_DONE``."""
+        it = aiter(requests)
         try:
-            it = aiter(requests)
             first = await anext(it, None)
             if first is None or first.WhichOneof("msg") != "header":
                 raise InvalidArgument("Compress must start with a CompressHeader")
             self.plan = p = plan(first.header, self.servicer)
             layer, expect = 0, "stats_or_keys"
-            while True:
+            while not self.abandoned:
                 msg = await anext(it, None)
                 check_deadline(self.context, "Compress upload")
                 kind = msg.WhichOneof("msg") if msg is not None else None
@@ -272,16 +275,22 @@ class CompressSession:
                     it, vmsg.begin, self._check_kv(vmsg.begin, pb.TENSOR_KIND_VALUES, layer)
                 )
                 await self.ahead.acquire()
+                if self.abandoned:
+                    break
                 loop = asyncio.get_running_loop()
                 self.jobs.put_nowait(
                     loop.run_in_executor(self.servicer.executor, self._process, layer, k, v)
                 )
                 layer += 1
+            if self.abandoned:
+                await drain(it)
             self.jobs.put_nowait(_DONE)
-        except BaseException as exc:  # handed to run(), which raises it in the handler
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # handed to run(), which raises it in the handler
+            if isinstance(exc, KVPackError):
+                await drain(it)
             self.jobs.put_nowait(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
 
     def _check_stats(self, begin: pb.TensorBegin) -> str:
         p = self.plan
@@ -442,6 +451,7 @@ class CompressSession:
     ) -> AsyncIterator[pb.CompressResponse]:
         reader = asyncio.create_task(self._read(requests))
         results: list[LayerResult] = []
+        failed = False
         try:
             while True:
                 item = await self.jobs.get()
@@ -461,7 +471,18 @@ class CompressSession:
                 result.keys = result.values = torch.empty(0)
                 results.append(result)
             yield await self._finish(results)
+        except KVPackError:
+            failed = True
+            raise
         finally:
+            if failed and not reader.done():
+                # Let the reader drain the upload so that the client sees our status (see
+                # rpc.drain); unblock it if it waits for a layer slot.
+                self.abandoned = True
+                for _ in range(self.num_slots):
+                    self.ahead.release()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(reader), DRAIN_SECONDS + 1)
             if not reader.done():
                 reader.cancel()
             # Surface nothing from a cancelled reader; its exception (if any) was queued.

@@ -9,6 +9,7 @@ are logged with a traceback and answered INTERNAL without leaking internals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -51,6 +52,28 @@ class StreamLimiter:
 
     def release(self) -> None:
         self.active -= 1
+
+
+#: After rejecting a client-streaming call, read and discard at most this much of the rest of
+#: the upload before answering. grpc.aio clients that are still writing when the status arrives
+#: otherwise report INTERNAL "Internal error from Core" instead of our status (grpc/grpc#36066).
+DRAIN_BYTES = 64 << 20
+DRAIN_SECONDS = 2.0
+
+
+async def drain(requests: AsyncIterator[Any]) -> None:
+    """Discard the rest of a client stream, within DRAIN_BYTES / DRAIN_SECONDS."""
+    seen = 0
+
+    async def consume() -> None:
+        nonlocal seen
+        async for message in requests:
+            seen += message.ByteSize()
+            if seen > DRAIN_BYTES:
+                return
+
+    with contextlib.suppress(Exception):  # timeout, or the stream itself failed: stop draining
+        await asyncio.wait_for(consume(), DRAIN_SECONDS)
 
 
 def check_deadline(context: aio.ServicerContext, what: str) -> None:

@@ -17,13 +17,13 @@ from typing import Any, TypeVar
 from grpc import aio
 
 from kvpack import __version__, codec, wire
-from kvpack.errors import InvalidArgument, NotFound
+from kvpack.errors import InvalidArgument, KVPackError, NotFound
 from kvpack.server import container, convert, keys
 from kvpack.server.auth import Authenticator
 from kvpack.server.compress import CompressSession
 from kvpack.server.config import ServerConfig
 from kvpack.server.metrics import Metrics
-from kvpack.server.rpc import StreamLimiter, check_deadline, streaming, unary
+from kvpack.server.rpc import StreamLimiter, check_deadline, drain, streaming, unary
 from kvpack.server.stores.base import Store
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
@@ -117,7 +117,22 @@ class KVPackServicer(pb_grpc.KVPackServicer):
         self, request_iterator: AsyncIterator[pb.PutRequest], context: aio.ServicerContext
     ) -> pb.PutResponse:
         tenant = self.tenant(context)
-        first = await anext(aiter(request_iterator), None)
+        try:
+            blob, header = await self._receive_put(request_iterator, context)
+        except KVPackError:
+            await drain(request_iterator)
+            raise
+        parsed = await self.in_executor("decode", container.verify_upload, blob)
+        key = header.key or keys.blob_key(blob)
+        meta = container.meta_from_header(parsed, blob)
+        await self.put_entry(keys.namespaced(tenant, key), blob, meta)
+        return pb.PutResponse(key=key, stored_bytes=len(blob))
+
+    async def _receive_put(
+        self, requests: AsyncIterator[pb.PutRequest], context: aio.ServicerContext
+    ) -> tuple[bytes, pb.PutHeader]:
+        """The uploaded container (size bounded, CRC checked) and its header."""
+        first = await anext(requests, None)
         if first is None or first.WhichOneof("msg") != "header":
             raise InvalidArgument("Put must start with a PutHeader")
         header = first.header
@@ -129,17 +144,12 @@ class KVPackServicer(pb_grpc.KVPackServicer):
             crc32=header.crc32,
             what="Put container",
         )
-        async for message in request_iterator:
+        async for message in requests:
             if message.WhichOneof("msg") != "chunk":
                 raise InvalidArgument("Put expects only chunks after its header")
             assembler.add(message.chunk)
             check_deadline(context, "Put upload")
-        blob = bytes(assembler.result())
-        parsed = await self.in_executor("decode", container.verify_upload, blob)
-        key = header.key or keys.blob_key(blob)
-        meta = container.meta_from_header(parsed, blob)
-        await self.put_entry(keys.namespaced(tenant, key), blob, meta)
-        return pb.PutResponse(key=key, stored_bytes=len(blob))
+        return bytes(assembler.result()), header
 
     @unary("Delete")
     async def Delete(
