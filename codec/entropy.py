@@ -7,6 +7,7 @@ ceil(log2(levels)) bits per symbol).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,9 +126,9 @@ def check_symbol_block(
 
 
 def decode_symbol_blocks(
-    coders: list[str],
-    payloads: list[bytes | memoryview],
-    counts: list[int],
+    coders: Sequence[str],
+    payloads: Sequence[bytes | memoryview],
+    counts: Sequence[int],
     n_levels: int,
     lengths: np.ndarray | None,
 ) -> list[np.ndarray]:

@@ -10,11 +10,12 @@ decoder walk all lanes of many blocks in lock step with numpy instead of a loop 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 
 import numpy as np
 
 MAX_BITS = 16
-LANE_SYMBOLS = 512
+LANE_SYMBOLS = 1024
 INVALID = 0xFFFF  # decode-table symbol for bit patterns that are no code
 
 
@@ -135,14 +136,13 @@ def encode_blocks(symbols: np.ndarray, counts: np.ndarray, lengths: np.ndarray) 
     in_block = np.arange(symbols.size) - first[block_of]
     lane = lane_first[block_of] + in_block // LANE_SYMBOLS
     lane_bits = np.bincount(lane, weights=lens, minlength=int(nlanes.sum())).astype(np.int64)
-    ends = np.cumsum(lens)
-    block_bits = np.diff(np.concatenate(([0], ends[first + counts - 1])), prepend=0)[1:]
-    block_bits = np.where(counts > 0, block_bits, 0)
+    block_bits = np.bincount(block_of, weights=lens, minlength=len(counts)).astype(np.int64)
+    bit_base = np.concatenate(([0], np.cumsum(block_bits)[:-1]))
     block_bytes = (block_bits + 7) // 8
     byte_start = np.concatenate(([0], np.cumsum(block_bytes)[:-1]))
     # Bit position of each code in one stream of all blocks, each block starting on a byte.
-    before = ends - lens
-    pos = (before - before[first[block_of]] + 8 * byte_start[block_of]).astype(np.uint64)
+    before = np.cumsum(lens) - lens
+    pos = (before - bit_base[block_of] + 8 * byte_start[block_of]).astype(np.uint64)
     # Codes are <= 16 bits, so one lands in at most two 32-bit words; codes never overlap, so a
     # weighted bincount (exact in float64 below 2^53) is an OR.
     shift = np.uint64(64) - (pos & np.uint64(31)) - lens.astype(np.uint64)
@@ -183,13 +183,15 @@ def split_payload(payload: bytes | memoryview, count: int) -> tuple[np.ndarray, 
 
 
 def decode_blocks(
-    payloads: list[bytes | memoryview], counts: list[int], lengths: np.ndarray
+    payloads: Sequence[bytes | memoryview], counts: Sequence[int], lengths: np.ndarray
 ) -> np.ndarray:
     """Decode blocks encoded by encode_blocks; returns all symbols (uint16) concatenated.
 
     All lanes of all blocks advance together: one numpy step decodes one symbol in every lane.
     HuffmanError if any lane holds an invalid code or does not end exactly at its stored length.
     """
+    if sum(counts) == 0:
+        return np.zeros(0, dtype=np.uint16)
     table = decode_table(lengths)
     lane_bits_all, streams, lane_syms = [], [], []
     for payload, count in zip(payloads, counts, strict=True):
@@ -201,9 +203,6 @@ def decode_blocks(
         if nlanes:
             per_lane[-1] = count - LANE_SYMBOLS * (nlanes - 1)
         lane_syms.append(per_lane)
-    total = int(sum(counts))
-    if total == 0:
-        return np.zeros(0, dtype=np.uint16)
     bits = np.concatenate(lane_bits_all)
     syms = np.concatenate(lane_syms)
     stream_start = np.repeat(
@@ -216,12 +215,13 @@ def decode_blocks(
     buf = np.frombuffer(b"".join(streams) + bytes(4 + 2 * LANE_SYMBOLS), dtype=np.uint8)
     wide = buf.astype(np.uint32)
     peek = (wide[:-3] << 24) | (wide[1:-2] << 16) | (wide[2:-1] << 8) | wide[3:]
-    out = np.empty((len(bits), LANE_SYMBOLS), dtype=np.uint32)
-    for t in range(LANE_SYMBOLS):
+    steps = int(syms.max())
+    out = np.empty((len(bits), steps), dtype=np.uint32)
+    for t in range(steps):
         entry = table[(peek[pos >> 3] >> (16 - (pos & 7))) & 0xFFFF]
         out[:, t] = entry
         pos += entry >> 16
-    valid = np.arange(LANE_SYMBOLS) < syms[:, None]
+    valid = np.arange(steps) < syms[:, None]
     entries = out[valid]
     lane_of = np.repeat(np.arange(len(bits)), syms)
     used = np.bincount(lane_of, weights=entries >> 16, minlength=len(bits)).astype(np.int64)

@@ -75,5 +75,8 @@ def tensor_from_bytes(
     raw = np.frombuffer(data, dtype=np.uint8).copy()
     if not _LITTLE and size > 1:
         raw = np.ascontiguousarray(raw.reshape(-1, size)[:, ::-1]).reshape(-1)
-    out = torch.from_numpy(raw).view(dtype).reshape(shape)
+    if numel == 0:  # a 0-element uint8 tensor has stride 0 and refuses .view(dtype)
+        out = torch.empty(shape, dtype=dtype)
+    else:
+        out = torch.from_numpy(raw).view(dtype).reshape(shape)
     return out if device is None else out.to(device)

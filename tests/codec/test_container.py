@@ -1,0 +1,216 @@
+"""Container: round trips, header, slicing, layer-selective decode, append, and a fuzzed decoder
+that must reject every truncation and bit flip with FormatError."""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvpack.codec import (
+    FormatError,
+    QuantSettings,
+    append,
+    assemble,
+    decode,
+    encode,
+    encode_layer,
+    read_header,
+    slice_layers,
+    verify,
+)
+
+SMALL = QuantSettings(block_tokens=16, k_window=8, v_window=20)
+
+
+def ragged_cache(
+    seed: int = 0, dtype: torch.dtype = torch.float16, lengths: tuple[int, ...] = (70, 33, 50)
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    ks = [torch.randn(1, 2, n, 8, generator=gen).to(dtype) for n in lengths]
+    vs = [torch.randn(1, 2, n, 6, generator=gen).to(dtype) for n in lengths]
+    idx = [
+        torch.sort(torch.randperm(200, generator=gen)[:n]).values.expand(1, 2, n) for n in lengths
+    ]
+    idx = [i.contiguous() for i in idx]
+    idx[1][0, 1, -3:] = -1  # padded slots are stored as given
+    return ks, vs, idx
+
+
+@pytest.fixture(scope="module")
+def small_blob() -> bytes:
+    ks, vs, idx = ragged_cache(lengths=(40, 25))
+    return encode(ks, vs, indices=idx, settings=SMALL, meta={"model": "t"}, seq_len=200)
+
+
+@pytest.mark.parametrize("mode", ["lossy", "fixed", "lossless"])
+def test_round_trip_and_header(mode: str) -> None:
+    ks, vs, idx = ragged_cache()
+    s = QuantSettings(mode=mode, block_tokens=16, k_window=8, v_window=20)
+    blob = encode(ks, vs, indices=idx, settings=s, meta={"policy": "kvcompose"}, seq_len=200)
+    header = verify(blob)
+    assert header.version == 1 and header.num_layers == 3 and header.layers == [0, 1, 2]
+    assert header.dtype == "fp16" and header.settings == s and header.seq_len == 200
+    assert header.meta == {"policy": "kvcompose"}
+    assert header.k_shapes == [tuple(k.shape) for k in ks]
+    assert header.raw_bytes[0] == (ks[0].numel() + vs[0].numel()) * 2
+    assert sum(header.stored_bytes) < len(blob)
+    assert len(header.coders[0]["k"]) == (70 - 8) // 16
+    out = decode(blob)
+    for a, b in zip(idx, out.indices, strict=True):
+        assert b is not None and torch.equal(a, b)
+    for a, b in zip(ks + vs, out.keys + out.values, strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        if mode == "lossless":
+            assert torch.equal(a, b)
+        else:
+            assert float((a.float() - b.float()).abs().max()) < 0.5
+
+
+def test_encode_equals_encode_layer_plus_assemble() -> None:
+    ks, vs, _ = ragged_cache(dtype=torch.bfloat16)
+    layers = [encode_layer(k, v, None, SMALL) for k, v in zip(ks, vs, strict=True)]
+    blob = assemble(layers, SMALL, dtype=torch.bfloat16, seq_len=7)
+    assert blob == encode(ks, vs, settings=SMALL, seq_len=7)
+    assert decode(blob).indices == [None, None, None]
+
+
+def test_slice_and_layer_selective_decode() -> None:
+    ks, vs, idx = ragged_cache()
+    blob = encode(ks, vs, indices=idx, settings=SMALL)
+    full = decode(blob)
+    part = slice_layers(blob, 1, 3)
+    header = verify(part)
+    assert header.layers == [1, 2] and len(part) < len(blob)
+    one = decode(part, [2])
+    assert one.layers == [2] and torch.equal(one.keys[0], full.keys[2])
+    assert torch.equal(decode(blob, [1]).values[0], full.values[1])
+    # damage to layer 0 does not stop layer 1 from decoding alone, but does stop layer 0
+    h = read_header(blob)
+    bad = bytearray(blob)
+    bad[h.data_offset + h.entries[0].k_window.offset] ^= 0x10
+    assert torch.equal(decode(bytes(bad), [1]).keys[0], full.keys[1])
+    with pytest.raises(FormatError, match="layer 0 K window"):
+        decode(bytes(bad), [0])
+    with pytest.raises(KeyError):
+        decode(blob, [7])
+
+
+def block_bytes(blob: bytes) -> list[bytes]:
+    h = read_header(blob)
+    out = []
+    for e in h.entries:
+        for ref in (*e.k_blocks, *e.v_blocks):
+            start = h.data_offset + ref.offset
+            out.append(blob[start : start + ref.length])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["lossy", "lossless"])
+def test_append_encodes_only_new_blocks(mode: str) -> None:
+    s = QuantSettings(mode=mode, block_tokens=16, k_window=8, v_window=20)
+    ks, vs, idx = ragged_cache()
+    blob = encode(ks, vs, indices=idx, settings=s, seq_len=200)
+    before = decode(blob)
+    gen = torch.Generator().manual_seed(9)
+    new_k = [torch.randn(1, 2, 40, 8, generator=gen).half() for _ in ks]
+    new_v = [torch.randn(1, 2, 40, 6, generator=gen).half() for _ in ks]
+    grown = append(blob, new_k, new_v)
+    h = verify(grown)
+    assert h.seq_len == 240 and h.k_shapes[0][2] == 110
+    old_blocks = block_bytes(blob)
+    new_blocks = block_bytes(grown)
+    assert all(b in new_blocks for b in old_blocks)
+    old_h, new_h = read_header(blob), h
+    for oe, ne in zip(old_h.entries, new_h.entries, strict=True):
+        assert [r.crc for r in ne.k_blocks[: len(oe.k_blocks)]] == [r.crc for r in oe.k_blocks]
+        assert len(ne.k_blocks) > len(oe.k_blocks)
+    after = decode(grown)
+    for i in range(3):
+        enc = len(old_h.entries[i].k_blocks) * 16
+        assert torch.equal(after.keys[i][:, :, :enc], before.keys[i][:, :, :enc])
+        assert torch.equal(after.keys[i][:, :, -8:], new_k[i][:, :, -8:])  # window stays exact
+        ai = after.indices[i]
+        assert ai is not None and ai[0, 0, -40:].tolist() == list(range(200, 240))
+
+
+def test_truncation_at_every_length_is_rejected(small_blob: bytes) -> None:
+    for n in range(len(small_blob)):
+        with pytest.raises(FormatError):
+            verify(small_blob[:n])
+        with pytest.raises(FormatError):
+            decode(small_blob[:n])
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.data())
+def test_random_bit_flips_are_rejected(small_blob: bytes, data: st.DataObject) -> None:
+    flips = data.draw(
+        st.lists(st.integers(0, 8 * len(small_blob) - 1), min_size=1, max_size=3, unique=True)
+    )
+    bad = bytearray(small_blob)
+    for bit in flips:
+        bad[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(FormatError):
+        verify(bytes(bad))
+    with pytest.raises(FormatError):
+        decode(bytes(bad))
+
+
+def rewrite_header(blob: bytes, edit: dict[str, object]) -> bytes:
+    """A copy of blob whose JSON header has `edit` applied, with a correct header crc32 (so the
+    content checks, not the checksum, must catch the problem)."""
+    magic, version, flags, n, _ = struct.unpack_from("<4sHHII", blob)
+    doc = json.loads(blob[16 : 16 + n])
+    doc.update(edit)
+    head = json.dumps(doc).encode()
+    return (
+        struct.pack("<4sHHII", magic, version, flags, len(head), zlib.crc32(head))
+        + head
+        + blob[16 + n :]
+    )
+
+
+def test_bogus_fields_are_rejected(small_blob: bytes) -> None:
+    doc = json.loads(small_blob[16 : 16 + struct.unpack_from("<I", small_blob, 8)[0]])
+    layer = doc["layers"][0]
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"data_bytes": doc["data_bytes"] + 1}, "data"),
+        ({"dtype": "fp8"}, "dtype"),
+        ({"settings": {**doc["settings"], "mode": "zip"}}, "mode"),
+        ({"layers": [{**layer, "k_shape": [1, 2, 10**9, 8]}]}, "k_shape"),
+        ({"layers": [{**layer, "k_shape": [1, 2, 2**24, 2**16]}]}, "k_shape"),
+        ({"layers": [{**layer, "k_blocks": layer["k_blocks"][:1]}]}, "k_blocks"),
+        ({"layers": [{**layer, "k_codebook": [1] * 21}]}, "codebook"),
+        ({"layers": [{**layer, "v_window": [0, 2**40, 0, "lossless"]}]}, "V window"),
+        ({"layers": []}, "layers"),
+        ({"seq_len": -1}, "seq_len"),
+    ]
+    for edit, match in cases:
+        with pytest.raises(FormatError, match=match):
+            verify(rewrite_header(small_blob, edit))
+    wrong = bytearray(small_blob)
+    wrong[4] = 2
+    with pytest.raises(FormatError, match="version 2"):
+        read_header(bytes(wrong))
+    with pytest.raises(FormatError, match="magic"):
+        read_header(b"PK\x03\x04" + small_blob[4:])
+    with pytest.raises(FormatError):
+        read_header(small_blob[:16] + b"{" * 10_000)
+
+
+def test_encode_rejects_bad_input() -> None:
+    k = torch.zeros(1, 2, 10, 4)
+    with pytest.raises(ValueError):
+        encode([k], [k.half()])
+    with pytest.raises(ValueError):
+        encode([k], [k], meta={"a": 1})  # type: ignore[dict-item]
+    with pytest.raises(ValueError):
+        encode([k], [k], indices=[torch.zeros(1, 2, 9, dtype=torch.int64)])

@@ -1,0 +1,94 @@
+"""Golden containers: checked-in files still decode to the recorded bytes, within the error
+bound of inputs regenerated from their seed, with exact windows and indices.
+
+`.venv/bin/python tests/codec/test_golden.py` rewrites them; do that only with a new format
+version, since the point is that a decoder change which breaks old containers fails here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_quant import check_bound
+
+from kvpack.codec import QuantSettings, decode, encode, tensor_to_bytes, verify
+
+HERE = Path(__file__).parent / "golden"
+CASES: dict[str, tuple[str, QuantSettings]] = {
+    "lossy_fp16_channel": (
+        "fp16",
+        QuantSettings(block_tokens=16, k_window=8, v_window=16),
+    ),
+    "lossy_bf16_block_huffman": (
+        "bf16",
+        QuantSettings(
+            k_grouping="block", block_tokens=16, k_window=0, v_window=4, entropy="huffman"
+        ),
+    ),
+    "fixed_fp32": ("fp32", QuantSettings(mode="fixed", block_tokens=16, k_window=8, v_window=8)),
+    "lossless_bf16": ("bf16", QuantSettings(mode="lossless", block_tokens=16, k_window=8)),
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def inputs(dtype: str) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Two ragged layers from a fixed numpy seed (numpy's generator is stable across versions)."""
+    rng = np.random.default_rng(20240601)
+    ks, vs, idx = [], [], []
+    for n in (45, 30):
+        k = rng.standard_normal((1, 2, n, 8)) * np.array([1, 1, 1, 1, 1, 1, 1, 8.0])
+        ks.append(torch.from_numpy(k).to(DTYPES[dtype]))
+        vs.append(torch.from_numpy(rng.standard_normal((1, 2, n, 4)) * 0.5).to(DTYPES[dtype]))
+        pos = np.sort(rng.choice(100, size=n, replace=False))
+        idx.append(torch.from_numpy(np.broadcast_to(pos, (1, 2, n)).copy()))
+    return ks, vs, idx
+
+
+def digest(tensors: list[torch.Tensor]) -> str:
+    return hashlib.sha256(b"".join(tensor_to_bytes(t) for t in tensors)).hexdigest()
+
+
+def regenerate() -> None:
+    """Rewrite the golden containers and manifest (only when the format version changes)."""
+    manifest = {}
+    for name, (dtype, s) in CASES.items():
+        ks, vs, idx = inputs(dtype)
+        blob = encode(ks, vs, indices=idx, settings=s, meta={"case": name}, seq_len=100)
+        (HERE / f"{name}.kvpk").write_bytes(blob)
+        out = decode(blob)
+        manifest[name] = {
+            "dtype": dtype,
+            "settings": s.to_dict(),
+            "sha256": digest(out.keys + out.values),
+        }
+    (HERE / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_golden_container_decodes(name: str) -> None:
+    manifest = json.loads((HERE / "manifest.json").read_text())
+    blob = (HERE / f"{name}.kvpk").read_bytes()
+    header = verify(blob)
+    s = QuantSettings.from_mapping(manifest[name]["settings"])
+    assert header.version == 1 and header.settings == s and header.meta == {"case": name}
+    assert header.dtype == manifest[name]["dtype"] and header.seq_len == 100
+    out = decode(blob)
+    assert digest(out.keys + out.values) == manifest[name]["sha256"]
+    ks, vs, idx = inputs(header.dtype)
+    for i in range(2):
+        got = out.indices[i]
+        assert got is not None and torch.equal(got, idx[i])
+        if s.mode == "lossless":
+            assert torch.equal(out.keys[i], ks[i]) and torch.equal(out.values[i], vs[i])
+        else:
+            check_bound(ks[i], out.keys[i], "k", s)
+            check_bound(vs[i], out.values[i], "v", s)
+
+
+if __name__ == "__main__":
+    regenerate()
