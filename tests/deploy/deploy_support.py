@@ -10,13 +10,19 @@ import json
 import re
 import shlex
 import shutil
+import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -34,6 +40,8 @@ K8S = DEPLOY / "k8s"
 
 #: Series Prometheus itself adds to every target; expressions may use them without kvpack
 #: exporting them.
+KVPACK = Path(sys.executable).with_name("kvpack")
+
 PROMETHEUS_SYNTHETIC = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
 
 
@@ -263,6 +271,93 @@ def grafana_to_promql(expr: str) -> str:
     """Grafana's template variables replaced by values Prometheus accepts (for promtool)."""
     expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
     return re.sub(r"\$\{?(\w+)\}?", ".*", expr)
+
+
+# -- servers ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port free right now (the server binds it moments later)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Served:
+    """One running `kvpack serve` subprocess."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def _wait_serving(served: Served, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(served.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if served.proc.poll() is not None:
+                pytest.fail(
+                    f"kvpack serve exited with {served.proc.returncode}:\n{served.output()}"
+                )
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    pytest.fail(f"kvpack serve not SERVING after {timeout} s:\n{served.output()}")
+
+
+class Servers:
+    """Starts `kvpack serve` subprocesses on free loopback ports; ``stop()`` ends them all."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[Served] = []
+
+    def __call__(self, *args: str, replicas: int = 1) -> list[Served]:
+        """Start ``replicas`` servers with the same flags (concurrently: torch's import dominates
+        start-up) and return once every one's health service answers SERVING."""
+        batch = []
+        for _ in range(replicas):
+            port, metrics_port = free_port(), free_port()
+            log = self.logs / f"serve-{len(self.started)}.log"
+            cmd = [str(KVPACK), "serve", "--host", "127.0.0.1", "--port", str(port)]
+            cmd += ["--metrics-port", str(metrics_port), "--grace", "1", *args]
+            with log.open("wb") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+            served = Served(proc, port, metrics_port, log)
+            self.started.append(served)
+            batch.append(served)
+        for served in batch:
+            _wait_serving(served, timeout=60)
+        return batch
+
+    def stop(self) -> None:
+        """SIGTERM every server (they drain for --grace 1 s), then wait; kill stragglers."""
+        for served in self.started:
+            served.proc.terminate()
+        for served in self.started:
+            try:
+                served.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                served.proc.kill()
+                served.proc.wait()
 
 
 # -- promtool ----------------------------------------------------------------------------------

@@ -1,0 +1,322 @@
+"""The deployment's assumptions, checked against real `kvpack serve` processes (no Docker).
+
+* The image's HEALTHCHECK script answers 0 for a serving server and 1 for a dead one.
+* Every metric the dashboard and the alert rules query is exported by a live server that has
+  served real Compress/Put/Fetch calls, with the labels the queries match on; the scrape passes
+  `promtool check metrics`.
+* The compose topology: two replicas on one Redis store (each with this test's own key prefix)
+  serve each other's entries, bytes-identical and decoding equal, and a round-robin gRPC channel
+  over both (the client-side balancing docs/DEPLOY.md describes for Kubernetes) reaches both.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import urllib.request
+import uuid
+import zlib
+from collections.abc import Iterator
+
+import grpc
+import pytest
+import redis
+import torch
+from deploy_support import (
+    HEALTHCHECK,
+    PROMETHEUS_SYNTHETIC,
+    Served,
+    Servers,
+    dashboard_expressions,
+    free_port,
+    promql_label_matchers,
+    promql_metric_names,
+    promtool_path,
+    rule_expressions,
+)
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvpack import codec, wire
+from kvpack.v1 import kvpack_pb2 as pb
+from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+TIMEOUT = 30.0
+#: Labels Prometheus attaches to every scraped series (not part of the exposition).
+TARGET_LABELS = frozenset({"instance", "job"})
+
+# -- raw gRPC calls (kvpack.v1 stubs; the deployment must work with any client) -----------------
+
+
+def stub(target: str) -> pb_grpc.KVPackStub:
+    return pb_grpc.KVPackStub(grpc.insecure_channel(target))
+
+
+def put(target: str, key: str, blob: bytes) -> pb.PutResponse:
+    def requests() -> Iterator[pb.PutRequest]:
+        header = pb.PutHeader(key=key, total_bytes=len(blob), crc32=zlib.crc32(blob))
+        yield pb.PutRequest(header=header)
+        for chunk in wire.iter_chunks(blob):
+            yield pb.PutRequest(chunk=chunk)
+
+    reply: pb.PutResponse = stub(target).Put(requests(), timeout=TIMEOUT)
+    return reply
+
+
+def fetch(target_or_stub: str | pb_grpc.KVPackStub, key: str) -> bytes:
+    s = stub(target_or_stub) if isinstance(target_or_stub, str) else target_or_stub
+    out = bytearray()
+    for message in s.Fetch(pb.FetchRequest(key=key), timeout=TIMEOUT):
+        assert message.chunk.offset == len(out)
+        out += message.chunk.data
+        assert len(out) <= message.total_bytes
+    return bytes(out)
+
+
+def random_cache(
+    layers: int = 2, heads: int = 2, seq: int = 64, dim: int = 16
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Per-layer keys/values ``[1, heads, seq, dim]`` fp32; scores ``[layers, 1, heads, seq]``."""
+    g = torch.Generator().manual_seed(9)
+    keys = [torch.randn(1, heads, seq, dim, generator=g) for _ in range(layers)]
+    values = [torch.randn(1, heads, seq, dim, generator=g) for _ in range(layers)]
+    scores = torch.rand(layers, 1, heads, seq, generator=g)
+    return keys, values, scores
+
+
+def compress(target: str, key: str) -> pb.CompressSummary:
+    """One real Compress stream (KVCompose, half the tokens, lossy store) of a random cache."""
+    keys, values, scores = random_cache()
+    _, heads, seq, dim = keys[0].shape
+    header = pb.CompressHeader(
+        layout=pb.Layout(
+            num_layers=len(keys),
+            batch_size=1,
+            num_kv_heads=heads,
+            num_query_heads=heads,
+            head_dim=dim,
+            seq_len=seq,
+            dtype=pb.DTYPE_FLOAT32,
+        ),
+        policy="kvcompose",
+        ratio=0.5,
+        quant=pb.QuantSettings(mode="lossy"),
+        store=True,
+        key=key,
+    )
+
+    def tensor(kind: int, layer: int, t: torch.Tensor) -> Iterator[pb.CompressRequest]:
+        for m in wire.iter_tensor_messages(kind, layer, t):
+            if isinstance(m, pb.TensorBegin):
+                yield pb.CompressRequest(begin=m)
+            else:
+                yield pb.CompressRequest(chunk=m)
+
+    def requests() -> Iterator[pb.CompressRequest]:
+        yield pb.CompressRequest(header=header)
+        yield from tensor(pb.TENSOR_KIND_SCORES, 0, scores)
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
+            yield from tensor(pb.TENSOR_KIND_KEYS, layer, k)
+            yield from tensor(pb.TENSOR_KIND_VALUES, layer, v)
+        yield pb.CompressRequest(finish=pb.Finish())
+
+    summaries = [
+        r.summary
+        for r in stub(target).Compress(requests(), timeout=TIMEOUT)
+        if r.WhichOneof("msg") == "summary"
+    ]
+    assert len(summaries) == 1
+    return summaries[0]
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def scrape(served: Served) -> str:
+    with urllib.request.urlopen(served.metrics_url, timeout=10) as response:
+        text: str = response.read().decode()
+    return text
+
+
+def exported(text: str) -> tuple[set[str], dict[str, set[str]]]:
+    """(series names a query may select, label names seen per series name) of an exposition.
+
+    A family without samples (a labelled metric no call has touched yet) still counts through its
+    TYPE: counter -> name_total, histogram -> name_bucket/_sum/_count, gauge -> name.
+    """
+    names: set[str] = set()
+    labels: dict[str, set[str]] = {}
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+        "summary": ("", "_sum", "_count", "_created"),
+    }
+    for family in text_string_to_metric_families(text):
+        names.update(family.name + s for s in suffixes.get(family.type, ("",)))
+        for sample in family.samples:
+            names.add(sample.name)
+            labels.setdefault(sample.name, set()).update(sample.labels)
+    return names, labels
+
+
+def test_healthcheck_script_probes_the_grpc_health_service(memory_server: Served) -> None:
+    served = memory_server
+
+    def probe(**env: str) -> subprocess.CompletedProcess[str]:
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("KVPACK_")}
+        return subprocess.run(
+            [sys.executable, str(HEALTHCHECK)],
+            env={**clean, "KVPACK_HEALTHCHECK_TIMEOUT": "2", **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    ok = probe(KVPACK_PORT=str(served.port))
+    assert ok.returncode == 0, ok.stderr
+    assert probe(KVPACK_HEALTHCHECK_ADDR=served.target).returncode == 0
+    dead = probe(KVPACK_PORT=str(free_port()))
+    assert dead.returncode == 1
+    assert "kvpack-healthcheck" in dead.stderr
+
+
+def test_dashboard_and_alerts_query_only_exported_metrics(memory_server: Served) -> None:
+    served = memory_server
+    summary = compress(served.target, "deploy-metrics")
+    assert summary.stored_bytes > 0 and summary.compression_ratio > 1
+    keys, values, _ = random_cache()
+    put(served.target, "deploy-put", codec.encode(keys, values))
+    assert fetch(served.target, "deploy-metrics")
+    with pytest.raises(grpc.RpcError) as missing:
+        fetch(served.target, "deploy-missing")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+    text = scrape(served)
+    names, labels = exported(text)
+    # The calls above left samples in every family the dashboard's main panels read.
+    for sample in (
+        "kvpack_requests_total",
+        "kvpack_request_duration_seconds_bucket",
+        "kvpack_input_bytes_total",
+        "kvpack_output_bytes_total",
+        "kvpack_compression_ratio_bucket",
+        "kvpack_reconstruction_error_bucket",
+        "kvpack_store_bytes",
+    ):
+        assert sample in labels, f"{sample} has no samples after real calls"
+    codes = {
+        line.split('code="')[1].split('"')[0]
+        for line in text.splitlines()
+        if line.startswith("kvpack_requests_total{")
+    }
+    assert {"OK", "NOT_FOUND"} <= codes, "the rules and panels match code on gRPC status names"
+
+    problems = []
+    for where, expr in dashboard_expressions() + rule_expressions():
+        for name in sorted(promql_metric_names(expr) - PROMETHEUS_SYNTHETIC):
+            if name not in names:
+                problems.append(f"{where}: {name} is not exported")
+        for name, label in promql_label_matchers(expr):
+            if name in PROMETHEUS_SYNTHETIC or label in TARGET_LABELS or name not in labels:
+                continue
+            if label not in labels[name]:
+                problems.append(f"{where}: {name} has no label {label!r}")
+    assert not problems, "\n".join(problems)
+
+
+def test_scrape_passes_promtool_check_metrics(memory_server: Served, promtool: str) -> None:
+    served = memory_server
+    compress(served.target, "deploy-lint")
+    result = subprocess.run(
+        [promtool, "check", "metrics"],
+        input=scrape(served),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert promtool_path() == promtool
+
+
+# -- the compose topology: two replicas, one Redis -----------------------------------------------
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own; every key under it is deleted afterwards."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.ConnectionError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {REDIS_URL} is down (.ci/run starts it): {e}")
+        pytest.skip(f"needs the real Redis at {REDIS_URL}: {e}")
+    prefix = f"kvpack-deploy-test-{uuid.uuid4().hex}:"
+    try:
+        yield prefix
+    finally:
+        stale = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if stale:
+            client.delete(*stale)
+        assert not list(client.scan_iter(match=f"{prefix}*")), "Redis keys left behind"
+        client.close()
+
+
+def counter(served: Served, method: str, code: str = "OK") -> float:
+    for family in text_string_to_metric_families(scrape(served)):
+        for sample in family.samples:
+            if sample.name == "kvpack_requests_total" and sample.labels == {
+                "method": method,
+                "code": code,
+            }:
+                return float(sample.value)
+    return 0.0
+
+
+@pytest.mark.redis
+def test_two_replicas_share_one_redis_store(serve: Servers, redis_prefix: str) -> None:
+    a, b = serve(
+        "--store", "redis", "--redis-url", REDIS_URL, "--redis-prefix", redis_prefix, replicas=2
+    )
+
+    # A container written through replica A is fetched through replica B, byte for byte.
+    keys, values, _ = random_cache()
+    blob = codec.encode(keys, values)
+    assert put(a.target, "deploy-put", blob).stored_bytes == len(blob)
+    via_b = fetch(b.target, "deploy-put")
+    assert via_b == blob
+    want, got = codec.decode(blob), codec.decode(via_b)
+    for w, g in zip(want.keys + want.values, got.keys + got.values, strict=True):
+        assert torch.equal(w, g)
+    for original, decoded in zip(keys, got.keys, strict=True):
+        assert decoded.shape == original.shape
+
+    # A cache compressed through B is served by A.
+    summary = compress(b.target, "deploy-compress")
+    from_a = fetch(a.target, "deploy-compress")
+    assert len(from_a) == summary.stored_bytes
+    assert from_a == fetch(b.target, "deploy-compress")
+    assert len(codec.decode(from_a).keys) == len(keys)
+
+    # Client-side balancing over both replicas (what docs/DEPLOY.md recommends behind a headless
+    # Kubernetes Service): every call succeeds, and both replicas serve some.
+    before = counter(a, "Fetch"), counter(b, "Fetch")
+    config = '{"loadBalancingConfig": [{"round_robin": {}}]}'
+    with grpc.insecure_channel(
+        f"ipv4:{a.target},{b.target}", options=[("grpc.service_config", config)]
+    ) as channel:
+        balanced = pb_grpc.KVPackStub(channel)
+        for _ in range(6):
+            assert fetch(balanced, "deploy-put") == blob
+    after = counter(a, "Fetch"), counter(b, "Fetch")
+    assert after[0] > before[0] and after[1] > before[1], (before, after)
+    assert sum(after) - sum(before) == 6
+
+    # A delete through one replica is seen by the other.
+    stub(a.target).Delete(pb.DeleteRequest(key="deploy-put"), timeout=TIMEOUT)
+    with pytest.raises(grpc.RpcError) as gone:
+        fetch(b.target, "deploy-put")
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
