@@ -17,6 +17,10 @@ from kvpack import __version__
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("kvpack.server.cli", "start the kvpack gRPC server"),
+    "compress": ("kvpack.client.cli", "compress a KV cache from a safetensors file via a server"),
+    "fetch": ("kvpack.client.cli", "fetch and decode a stored entry into a safetensors file"),
+    "eval": ("kvpack.eval.cli", "accuracy against compression on a model (tables, JSON, plots)"),
+    "bench": ("kvpack.bench.cli", "codec, eviction and service throughput on this machine"),
 }
 
 
