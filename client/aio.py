@@ -94,6 +94,7 @@ class AsyncKVPackClient:
         model: str | None = None,
         token_ids: Sequence[int] | torch.Tensor | None = None,
         return_cache: bool = True,
+        progress: messages.Progress = None,
     ) -> CompressResult:
         """See :meth:`kvpack.client.KVPackClient.compress`. Never retried."""
         upload = messages.compress_upload(
@@ -107,7 +108,7 @@ class AsyncKVPackClient:
 
         async def run() -> CompressResult:
             call = self._stub.Compress(
-                _off_loop(upload.requests()),
+                _off_loop(upload.requests(progress)),
                 timeout=self.policy.deadline(2 * upload.nbytes),
                 metadata=self._metadata,
             )
@@ -121,7 +122,13 @@ class AsyncKVPackClient:
 
         return await self._once(run)
 
-    async def fetch_bytes(self, key: str, layers: tuple[int, int] | range | None = None) -> bytes:
+    async def fetch_bytes(
+        self,
+        key: str,
+        layers: tuple[int, int] | range | None = None,
+        *,
+        progress: messages.Progress = None,
+    ) -> bytes:
         """See :meth:`kvpack.client.KVPackClient.fetch_bytes`."""
         size = (await self.stat(key)).stored_bytes
         request = messages.fetch_request(key, layers)
@@ -134,8 +141,7 @@ class AsyncKVPackClient:
             async for response in call:
                 if assembler is None:
                     assembler = messages.blob_assembler(response, max(size, 1))
-                if response.HasField("chunk"):
-                    assembler.add(response.chunk)
+                messages.add_fetched(assembler, response, progress)
             if assembler is None:
                 raise DataLoss(f"Fetch of {key!r} returned nothing")
             return bytes(assembler.result())
@@ -148,11 +154,12 @@ class AsyncKVPackClient:
         layers: tuple[int, int] | range | None = None,
         *,
         device: torch.device | str | None = None,
+        progress: messages.Progress = None,
     ) -> Any:
         """Fetch and decode (in a worker thread): ``kvpack.codec.DecodedCache``."""
         from kvpack import codec
 
-        blob = await self.fetch_bytes(key, layers)
+        blob = await self.fetch_bytes(key, layers, progress=progress)
         return await asyncio.to_thread(codec.decode, blob, device=device)
 
     async def put(self, blob: bytes, key: str | None = None) -> str:

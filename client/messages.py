@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -20,6 +20,8 @@ from kvpack.errors import InvalidArgument
 from kvpack.v1 import kvpack_pb2 as pb
 
 MiB = 1 << 20
+#: Called with the number of bytes just transferred (for progress bars).
+Progress = Callable[[int], None] | None
 _QUANT_FIELDS = {f.name for f in pb.QuantSettings.DESCRIPTOR.fields}
 
 
@@ -79,14 +81,17 @@ class CompressUpload:
     def device(self) -> torch.device:
         return self.keys[0].device
 
-    def requests(self) -> Iterator[pb.CompressRequest]:
-        """The request stream; tensors are copied to host memory one at a time as it is read."""
+    def requests(self, progress: Progress = None) -> Iterator[pb.CompressRequest]:
+        """The request stream; tensors are copied to host memory one at a time as it is read.
+        ``progress(nbytes)`` is called after each tensor has been handed to gRPC."""
         yield pb.CompressRequest(header=self.header)
-        if self.stats is not None:
-            yield from _tensor_requests(self.stats[0], 0, self.stats[1])
+        tensors = [(self.stats[0], 0, self.stats[1])] if self.stats is not None else []
         for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
-            yield from _tensor_requests(pb.TENSOR_KIND_KEYS, layer, k)
-            yield from _tensor_requests(pb.TENSOR_KIND_VALUES, layer, v)
+            tensors += [(pb.TENSOR_KIND_KEYS, layer, k), (pb.TENSOR_KIND_VALUES, layer, v)]
+        for kind, layer, tensor in tensors:
+            yield from _tensor_requests(kind, layer, tensor)
+            if progress is not None:
+                progress(tensor.numel() * tensor.element_size())
         yield pb.CompressRequest(finish=pb.Finish())
 
 
@@ -326,6 +331,17 @@ def put_requests(blob: bytes, key: str | None) -> Iterator[pb.PutRequest]:
 
 def blob_assembler(first: pb.FetchResponse, max_bytes: int) -> wire.BytesAssembler:
     return wire.BytesAssembler(first.total_bytes, max_bytes=max_bytes, what="fetched container")
+
+
+def add_fetched(
+    assembler: wire.BytesAssembler, response: pb.FetchResponse, progress: Progress
+) -> None:
+    """Copies one Fetch message's chunk in and reports its size."""
+    if response.HasField("chunk"):
+        before = assembler.received
+        assembler.add(response.chunk)
+        if progress is not None:
+            progress(assembler.received - before)
 
 
 def answer_limit(upload: CompressUpload) -> int:

@@ -97,6 +97,7 @@ class KVPackClient:
         model: str | None = None,
         token_ids: Sequence[int] | torch.Tensor | None = None,
         return_cache: bool = True,
+        progress: messages.Progress = None,
     ) -> CompressResult:
         """Compress a prefilled cache; store its encoding and/or return the composite cache.
 
@@ -110,6 +111,7 @@ class KVPackClient:
             store, key, model, token_ids: store the encoding under ``key``, or a content key
                 from ``model`` + ``token_ids``.
             return_cache: stream the composite K/V and kept indices back (on ``keys``' device).
+            progress: called with the bytes of each tensor as it is uploaded.
 
         The upload streams while the server answers layer by layer. Never retried: a failed
         call stores nothing.
@@ -125,7 +127,7 @@ class KVPackClient:
 
         def run() -> CompressResult:
             call = self._stub.Compress(
-                upload.requests(),
+                upload.requests(progress),
                 timeout=self.policy.deadline(2 * upload.nbytes),
                 metadata=self._metadata,
             )
@@ -139,7 +141,13 @@ class KVPackClient:
 
         return self._once(run)
 
-    def fetch_bytes(self, key: str, layers: tuple[int, int] | range | None = None) -> bytes:
+    def fetch_bytes(
+        self,
+        key: str,
+        layers: tuple[int, int] | range | None = None,
+        *,
+        progress: messages.Progress = None,
+    ) -> bytes:
         """The stored container (whole, or restricted to a half-open layer range)."""
         size = self.stat(key).stored_bytes
         request = messages.fetch_request(key, layers)
@@ -151,8 +159,7 @@ class KVPackClient:
             ):
                 if assembler is None:
                     assembler = messages.blob_assembler(response, max(size, 1))
-                if response.HasField("chunk"):
-                    assembler.add(response.chunk)
+                messages.add_fetched(assembler, response, progress)
             if assembler is None:
                 raise DataLoss(f"Fetch of {key!r} returned nothing")
             return bytes(assembler.result())
@@ -165,12 +172,13 @@ class KVPackClient:
         layers: tuple[int, int] | range | None = None,
         *,
         device: torch.device | str | None = None,
+        progress: messages.Progress = None,
     ) -> Any:
         """Fetch and decode locally: ``kvpack.codec.DecodedCache`` (keys, values, indices,
         layers, header) with tensors on ``device`` (default CPU)."""
         from kvpack import codec
 
-        return codec.decode(self.fetch_bytes(key, layers), device=device)
+        return codec.decode(self.fetch_bytes(key, layers, progress=progress), device=device)
 
     def put(self, blob: bytes, key: str | None = None) -> str:
         """Store an encoded container; returns its key (content-derived when ``key`` is None).

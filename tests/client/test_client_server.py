@@ -230,3 +230,13 @@ def test_local_mode_matches_server(client: KVPackClient) -> None:
             local.fetch("t/none")
         with pytest.raises(errors.InvalidArgument):
             local.put(b"junk")
+
+
+def test_progress_reports_every_byte(client: KVPackClient) -> None:
+    scores, keys, values = make_cache(seed=8)
+    sent: list[int] = []
+    client.compress(keys, values, scores=scores, ratio=0.5, key="t/progress", progress=sent.append)
+    assert sum(sent) == scores.numel() * 4 + sum(2 * k.numel() * 2 for k in keys)
+    received: list[int] = []
+    blob = client.fetch_bytes("t/progress", progress=received.append)
+    assert sum(received) == len(blob)
