@@ -83,6 +83,11 @@ def check_deadline(context: aio.ServicerContext, what: str) -> None:
         raise DeadlineExceeded(f"deadline exceeded during {what}")
 
 
+def _call_is_over(context: aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return bool(context.cancelled()) or (remaining is not None and remaining <= 0)
+
+
 def _code_of_cancel(context: aio.ServicerContext) -> str:
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
@@ -121,6 +126,11 @@ class _Call:
             self.code = _code_of_cancel(context)
             raise exc
         if isinstance(exc, (KeyboardInterrupt, SystemExit)) or _is_abort(exc):
+            raise exc
+        if _call_is_over(context):
+            # The client is gone or the deadline passed; whatever we raise next (e.g. an
+            # incomplete upload) is a consequence, not the cause.
+            self.code = _code_of_cancel(context)
             raise exc
         if isinstance(exc, KVPackError):
             err = exc

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 from grpc import aio
 
 from kvpack import __version__, codec, wire
+from kvpack.codec import quant_settings
+from kvpack.codec.container import VERSION as CONTAINER_VERSION
 from kvpack.errors import InvalidArgument, KVPackError, NotFound
 from kvpack.server import container, convert, keys
 from kvpack.server.auth import Authenticator
@@ -193,9 +195,9 @@ class KVPackServicer(pb_grpc.KVPackServicer):
         return pb.InfoResponse(
             version=__version__,
             policies=[*sorted(codec.POLICIES), "none"],
-            quant_modes=["lossy", "fixed", "lossless"],
-            entropy_coders=["auto", "huffman", "zstd"],
-            container_version=int(getattr(codec, "CONTAINER_VERSION", 0)),
+            quant_modes=list(quant_settings.MODES),
+            entropy_coders=list(quant_settings.ENTROPY_CODERS),
+            container_version=CONTAINER_VERSION,
             store=self.store.name,
             limits=convert.limits(self.config),
             auth_required=self.auth.required,
