@@ -4,8 +4,9 @@
         --dtype fp16 --repeats 3 --profile]
 
 K: Gaussian with a per-channel scale and offset and a few outlier channels (post-RoPE keys look
-like this); V: smoother, a random walk along tokens plus noise. Throughput is GB/s of input bytes in the
-given dtype on one thread, next to a plain memory copy of the same bytes timed in the same run.
+like this); V: smoother, a random walk along tokens plus noise. Throughput is GB/s of input
+bytes in the given dtype on one thread, next to a plain memory copy of the same bytes timed in
+the same run.
 """
 
 from __future__ import annotations
