@@ -1,6 +1,6 @@
 """Train kvpack's reference Llama on RULER-style tasks with a length curriculum (CPU).
 
-``python -m kvpack.eval.train --out eval/reference --steps 3500 --max-minutes 48``
+``python -m kvpack.eval.train --out eval/reference --steps 3000 --max-minutes 45``
 
 Recipe (what made a ~1M-parameter model learn retrieval on CPU):
 - a short warm-up on repeated random chunks, so induction (match-and-copy) heads form first;
@@ -8,10 +8,11 @@ Recipe (what made a ~1M-parameter model learn retrieval on CPU):
   copied spans) and needle syntax, never on the random key/value tokens inside needles;
 - a curriculum over lengths (128 -> ... -> ``--lengths[-1]``); each step is ~``tokens-per-step``
   tokens, half at the current stage's length and half at an earlier one so short lengths stay.
-The schedule (warm-up, curriculum, cosine LR) follows progress = step / steps, so the data and
-curriculum are reproducible whatever share of a busy CPU the run gets; ``--max-minutes`` is a hard
-stop (the run then ends part-way through the schedule, and says so in ``train_state.json``). A
-checkpoint (``save_pretrained`` + ``train_state.json``) is written every ``--checkpoint-minutes``.
+The schedule (warm-up, curriculum, cosine LR) follows progress = max(step / steps, elapsed /
+max-minutes): on an idle CPU the run is step-bound and reproducible from ``--seed``; on a busy,
+shared CPU the wall-clock cap takes over so the curriculum and LR decay still complete (with fewer
+steps, recorded in ``train_state.json``). A checkpoint (``save_pretrained`` +
+``train_state.json``) is written every ``--checkpoint-minutes``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ LR_WARMUP_FRACTION = 0.01
 # Retrieval families get full weight; the aggregation tasks are sampled less so they don't eat the
 # small CPU budget, and some copy keeps the induction heads sharp.
 FAMILY_WEIGHTS = {"vartrack": 0.7, "cwe": 0.3, "fwe": 0.3, "copy": 0.3}
-MONITOR_FAMILIES = ("single_filler", "multikey", "multiquery", "vartrack")
+MONITOR_FAMILIES = ("single_filler", "multikey")
 
 
 def stage_bounds(lengths: Sequence[int]) -> list[float]:
@@ -123,10 +124,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=3500)
-    p.add_argument("--max-minutes", type=float, default=48.0)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--max-minutes", type=float, default=45.0)
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
-    p.add_argument("--tokens-per-step", type=int, default=4096)
+    p.add_argument("--tokens-per-step", type=int, default=2048)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--lm-weight", type=float, default=0.5)
     p.add_argument("--hidden", type=int, default=128)
@@ -139,8 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--checkpoint-minutes", type=float, default=4.0)
-    p.add_argument("--monitor-samples", type=int, default=16)
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    p.add_argument("--monitor-samples", type=int, default=8)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -169,8 +170,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ema: dict[str, float] = {}
     bar = tqdm(total=args.steps, mininterval=15, smoothing=0.05)
     while True:
-        progress = step / args.steps
-        if progress >= 1 or time.monotonic() - start > 60 * args.max_minutes:
+        elapsed = time.monotonic() - start
+        progress = max(step / args.steps, elapsed / (60 * args.max_minutes))
+        if progress >= 1:
             break
         length = pick_length(progress, args.lengths, rng)
         batch = [
@@ -230,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "tokens": tokens,
         "elapsed_s": round(elapsed),
         "tokens_per_s": round(tokens / elapsed),
-        "progress": round(step / args.steps, 4),
+        "progress": 1.0,
         "parameters": n_params,
         "monitor": accs,
         "args": {k: str(v) for k, v in vars(args).items()},
