@@ -240,3 +240,15 @@ def test_progress_reports_every_byte(client: KVPackClient) -> None:
     received: list[int] = []
     blob = client.fetch_bytes("t/progress", progress=received.append)
     assert sum(received) == len(blob)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_results_come_back_on_the_callers_device(client: KVPackClient) -> None:
+    scores, keys, values = make_cache(seed=9)
+    cuda_keys, cuda_values = [k.cuda() for k in keys], [v.cuda() for v in values]
+    result = client.compress(cuda_keys, cuda_values, scores=scores.cuda(), ratio=0.5, key="t/cuda")
+    assert all(t.is_cuda for t in result.keys + result.values + result.indices)
+    expected = codec.select(scores, 0.5, num_kv_heads=2)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(result.indices, expected, strict=True))
+    assert all(t.is_cuda for t in client.fetch("t/cuda", device="cuda").keys)
