@@ -1,4 +1,4 @@
-"""Fixtures of the deployment checks: promtool (installed on demand as root) and real servers."""
+"""Fixtures of the deployment checks: promtool, installed on demand when running as root."""
 
 from __future__ import annotations
 
@@ -6,13 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from deploy_support import Served, Servers
+import deploy_support  # noqa: F401  (importable by the test modules from here on)
 
 PROMTOOL_HINT = (
     "promtool is missing: install Debian's `prometheus` package "
@@ -39,21 +38,3 @@ def promtool() -> str:
     if not found:
         pytest.fail(f"apt-get install prometheus did not provide promtool:\n{done.stderr[-2000:]}")
     return found
-
-
-@pytest.fixture
-def serve(tmp_path: Path) -> Iterator[Servers]:
-    """Factory fixture: ``(a, b) = serve("--store", "redis", ..., replicas=2)``; all stopped at
-    teardown."""
-    servers = Servers(tmp_path)
-    yield servers
-    servers.stop()
-
-
-@pytest.fixture(scope="module")
-def memory_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """One `kvpack serve --store memory` shared by a module's read-mostly tests."""
-    servers = Servers(tmp_path_factory.mktemp("serve"))
-    (served,) = servers("--store", "memory")
-    yield served
-    servers.stop()

@@ -42,6 +42,7 @@ from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+pytestmark = pytest.mark.redis  # every test here runs on the replicas sharing the real Redis
 TIMEOUT = 30.0
 #: Labels Prometheus attaches to every scraped series (not part of the exposition).
 TARGET_LABELS = frozenset({"instance", "job"})
@@ -160,8 +161,37 @@ def exported(text: str) -> tuple[set[str], dict[str, set[str]]]:
     return names, labels
 
 
-def test_healthcheck_script_probes_the_grpc_health_service(memory_server: Served) -> None:
-    served = memory_server
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served, Served]]:
+    """The compose topology without Docker: two `kvpack serve --store redis` on the real Redis,
+    sharing a key prefix of this module's own. Every key under it is deleted afterwards."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.ConnectionError as e:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {REDIS_URL} is down (.ci/run starts it): {e}")
+        pytest.skip(f"needs the real Redis at {REDIS_URL}: {e}")
+    prefix = f"kvpack-deploy-test-{uuid.uuid4().hex}:"
+    servers = Servers(tmp_path_factory.mktemp("serve"))
+    try:
+        a, b = servers(
+            "--store", "redis", "--redis-url", REDIS_URL, "--redis-prefix", prefix, replicas=2
+        )
+        yield a, b
+    finally:
+        servers.stop()
+        stale = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if stale:
+            client.delete(*stale)
+        assert not list(client.scan_iter(match=f"{prefix}*")), "Redis keys left behind"
+        client.close()
+
+
+def test_healthcheck_script_probes_the_grpc_health_service(
+    replicas: tuple[Served, Served],
+) -> None:
+    served = replicas[0]
 
     def probe(**env: str) -> subprocess.CompletedProcess[str]:
         clean = {k: v for k, v in os.environ.items() if not k.startswith("KVPACK_")}
@@ -182,15 +212,17 @@ def test_healthcheck_script_probes_the_grpc_health_service(memory_server: Served
     assert "kvpack-healthcheck" in dead.stderr
 
 
-def test_dashboard_and_alerts_query_only_exported_metrics(memory_server: Served) -> None:
-    served = memory_server
-    summary = compress(served.target, "deploy-metrics")
+def test_dashboard_and_alerts_query_only_exported_metrics(
+    replicas: tuple[Served, Served],
+) -> None:
+    served = replicas[0]
+    summary = compress(served.target, "metrics-compress")
     assert summary.stored_bytes > 0 and summary.compression_ratio > 1
     keys, values, _ = random_cache()
-    put(served.target, "deploy-put", codec.encode(keys, values))
-    assert fetch(served.target, "deploy-metrics")
+    put(served.target, "metrics-put", codec.encode(keys, values))
+    assert fetch(served.target, "metrics-compress")
     with pytest.raises(grpc.RpcError) as missing:
-        fetch(served.target, "deploy-missing")
+        fetch(served.target, "metrics-missing")
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
     text = scrape(served)
@@ -226,9 +258,11 @@ def test_dashboard_and_alerts_query_only_exported_metrics(memory_server: Served)
     assert not problems, "\n".join(problems)
 
 
-def test_scrape_passes_promtool_check_metrics(memory_server: Served, promtool: str) -> None:
-    served = memory_server
-    compress(served.target, "deploy-lint")
+def test_scrape_passes_promtool_check_metrics(
+    replicas: tuple[Served, Served], promtool: str
+) -> None:
+    served = replicas[1]
+    compress(served.target, "lint-compress")
     result = subprocess.run(
         [promtool, "check", "metrics"],
         input=scrape(served),
@@ -239,30 +273,6 @@ def test_scrape_passes_promtool_check_metrics(memory_server: Served, promtool: s
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert promtool_path() == promtool
-
-
-# -- the compose topology: two replicas, one Redis -----------------------------------------------
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own; every key under it is deleted afterwards."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1)
-    try:
-        client.ping()
-    except redis.ConnectionError as e:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis at {REDIS_URL} is down (.ci/run starts it): {e}")
-        pytest.skip(f"needs the real Redis at {REDIS_URL}: {e}")
-    prefix = f"kvpack-deploy-test-{uuid.uuid4().hex}:"
-    try:
-        yield prefix
-    finally:
-        stale = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if stale:
-            client.delete(*stale)
-        assert not list(client.scan_iter(match=f"{prefix}*")), "Redis keys left behind"
-        client.close()
 
 
 def counter(served: Served, method: str, code: str = "OK") -> float:
@@ -276,17 +286,14 @@ def counter(served: Served, method: str, code: str = "OK") -> float:
     return 0.0
 
 
-@pytest.mark.redis
-def test_two_replicas_share_one_redis_store(serve: Servers, redis_prefix: str) -> None:
-    a, b = serve(
-        "--store", "redis", "--redis-url", REDIS_URL, "--redis-prefix", redis_prefix, replicas=2
-    )
+def test_two_replicas_share_one_redis_store(replicas: tuple[Served, Served]) -> None:
+    a, b = replicas
 
     # A container written through replica A is fetched through replica B, byte for byte.
     keys, values, _ = random_cache()
     blob = codec.encode(keys, values)
-    assert put(a.target, "deploy-put", blob).stored_bytes == len(blob)
-    via_b = fetch(b.target, "deploy-put")
+    assert put(a.target, "shared-put", blob).stored_bytes == len(blob)
+    via_b = fetch(b.target, "shared-put")
     assert via_b == blob
     want, got = codec.decode(blob), codec.decode(via_b)
     for w, g in zip(want.keys + want.values, got.keys + got.values, strict=True):
@@ -295,10 +302,10 @@ def test_two_replicas_share_one_redis_store(serve: Servers, redis_prefix: str) -
         assert decoded.shape == original.shape
 
     # A cache compressed through B is served by A.
-    summary = compress(b.target, "deploy-compress")
-    from_a = fetch(a.target, "deploy-compress")
+    summary = compress(b.target, "shared-compress")
+    from_a = fetch(a.target, "shared-compress")
     assert len(from_a) == summary.stored_bytes
-    assert from_a == fetch(b.target, "deploy-compress")
+    assert from_a == fetch(b.target, "shared-compress")
     assert len(codec.decode(from_a).keys) == len(keys)
 
     # Client-side balancing over both replicas (what docs/DEPLOY.md recommends behind a headless
@@ -310,13 +317,13 @@ def test_two_replicas_share_one_redis_store(serve: Servers, redis_prefix: str) -
     ) as channel:
         balanced = pb_grpc.KVPackStub(channel)
         for _ in range(6):
-            assert fetch(balanced, "deploy-put") == blob
+            assert fetch(balanced, "shared-put") == blob
     after = counter(a, "Fetch"), counter(b, "Fetch")
     assert after[0] > before[0] and after[1] > before[1], (before, after)
     assert sum(after) - sum(before) == 6
 
     # A delete through one replica is seen by the other.
-    stub(a.target).Delete(pb.DeleteRequest(key="deploy-put"), timeout=TIMEOUT)
+    stub(a.target).Delete(pb.DeleteRequest(key="shared-put"), timeout=TIMEOUT)
     with pytest.raises(grpc.RpcError) as gone:
-        fetch(b.target, "deploy-put")
+        fetch(b.target, "shared-put")
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
