@@ -100,8 +100,8 @@ class KVPackServicer(pb_grpc.KVPackServicer):
         start = time.perf_counter()
         blob = entry.data
         if request.layer_start or request.layer_end:
-            blob = await self.in_executor(
-                "fetch", container.slice_stored, blob, request.layer_start, request.layer_end
+            blob = await asyncio.get_running_loop().run_in_executor(
+                self.executor, container.slice_stored, blob, request.layer_start, request.layer_end
             )
         total = len(blob)
         sent = 0
