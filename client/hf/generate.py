@@ -136,4 +136,11 @@ def compress_prefill(
         return_cache=True,
         **compress_kwargs,
     )
+    if any(bool((idx < 0).any()) for idx in result.indices):
+        # Unstructured policies (and batch rows keeping different counts) pad with -1 slots
+        # whose zero K/V a DynamicCache would attend to: refuse rather than decode wrongly.
+        raise ValueError(
+            f"policy {policy!r} returned padded per-head lengths; a transformers cache needs a "
+            "structured policy (e.g. kvcompose) with batch rows keeping equal counts"
+        )
     return tensors_to_cache(result.keys, result.values), result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from conftest import ServerThread
 
@@ -69,3 +70,11 @@ def test_compressed_cache_generates_from_ragged_layers(
         generate_from(tiny_llama, tensors_to_cache(result.keys, result.values), QUESTION, 6, n),
         got,
     )
+
+
+def test_padded_composite_is_refused(tiny_llama: Any, context_ids: torch.Tensor) -> None:
+    with pytest.raises(ValueError, match="padded per-head lengths"):
+        compress_prefill(
+            tiny_llama, context_ids, LocalKVPack(), ratio=0.5, policy="kvcompose_unstructured",
+            store=False,
+        )  # fmt: skip
