@@ -1,6 +1,7 @@
 """The deployment's assumptions, checked against real `kvpack serve` processes (no Docker).
 
-* The image's HEALTHCHECK script answers 0 for a serving server and 1 for a dead one.
+* The image's HEALTHCHECK script answers 0 for a serving server and 1 for a dead one, over
+  plaintext and over TLS/mTLS.
 * Every metric the dashboard and the alert rules query is exported by a live server that has
   served real Compress/Put/Fetch calls, with the labels the queries match on; the scrape passes
   `promtool check metrics`.
@@ -18,6 +19,7 @@ import urllib.request
 import uuid
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -42,7 +44,6 @@ from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
-pytestmark = pytest.mark.redis  # every test here runs on the replicas sharing the real Redis
 TIMEOUT = 30.0
 #: Labels Prometheus attaches to every scraped series (not part of the exposition).
 TARGET_LABELS = frozenset({"instance", "job"})
@@ -188,30 +189,34 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Served,
         client.close()
 
 
+def _probe(**env: str) -> subprocess.CompletedProcess[str]:
+    """Run deploy/healthcheck.py (the image's kvpack-healthcheck) with only ``env``'s KVPACK_*."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KVPACK_")}
+    return subprocess.run(
+        [sys.executable, str(HEALTHCHECK)],
+        env={**clean, "KVPACK_HEALTHCHECK_TIMEOUT": "3", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@pytest.mark.redis  # runs on the `replicas` pair sharing the real Redis
 def test_healthcheck_script_probes_the_grpc_health_service(
     replicas: tuple[Served, Served],
 ) -> None:
     served = replicas[0]
 
-    def probe(**env: str) -> subprocess.CompletedProcess[str]:
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("KVPACK_")}
-        return subprocess.run(
-            [sys.executable, str(HEALTHCHECK)],
-            env={**clean, "KVPACK_HEALTHCHECK_TIMEOUT": "2", **env},
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-
-    ok = probe(KVPACK_PORT=str(served.port))
+    ok = _probe(KVPACK_PORT=str(served.port))
     assert ok.returncode == 0, ok.stderr
-    assert probe(KVPACK_HEALTHCHECK_ADDR=served.target).returncode == 0
-    dead = probe(KVPACK_PORT=str(free_port()))
+    assert _probe(KVPACK_HEALTHCHECK_ADDR=served.target).returncode == 0
+    dead = _probe(KVPACK_PORT=str(free_port()))
     assert dead.returncode == 1
     assert "kvpack-healthcheck" in dead.stderr
 
 
+@pytest.mark.redis  # runs on the `replicas` pair sharing the real Redis
 def test_dashboard_and_alerts_query_only_exported_metrics(
     replicas: tuple[Served, Served],
 ) -> None:
@@ -258,6 +263,7 @@ def test_dashboard_and_alerts_query_only_exported_metrics(
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.redis  # runs on the `replicas` pair sharing the real Redis
 def test_scrape_passes_promtool_check_metrics(
     replicas: tuple[Served, Served], promtool: str
 ) -> None:
@@ -286,6 +292,7 @@ def counter(served: Served, method: str, code: str = "OK") -> float:
     return 0.0
 
 
+@pytest.mark.redis  # runs on the `replicas` pair sharing the real Redis
 def test_two_replicas_share_one_redis_store(replicas: tuple[Served, Served]) -> None:
     a, b = replicas
 
@@ -327,3 +334,98 @@ def test_two_replicas_share_one_redis_store(replicas: tuple[Served, Served]) -> 
     with pytest.raises(grpc.RpcError) as gone:
         fetch(b.target, "shared-put")
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _pki(tmp: Path) -> dict[str, Path]:
+    """A CA and a server certificate it signs (SAN localhost, 127.0.0.1; serverAuth and
+    clientAuth, so the healthcheck may present it under mTLS), as PEM files."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("kvpack test CA"))
+        .issuer_name(name("kvpack test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("localhost"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = {"ca": tmp / "ca.crt", "cert": tmp / "tls.crt", "key": tmp / "tls.key"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return files
+
+
+def test_healthcheck_script_speaks_tls_and_mtls(tmp_path: Path) -> None:
+    """The TLS path of kvpack-healthcheck (the Kubernetes exec probe once TLS is on), against a
+    real mTLS gRPC health server built the way kvpack's is (ssl_server_credentials with
+    require_client_auth)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    pki = _pki(tmp_path)
+    server = grpc.server(ThreadPoolExecutor(2), options=[("grpc.so_reuseport", 0)])
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    creds = grpc.ssl_server_credentials(
+        [(pki["key"].read_bytes(), pki["cert"].read_bytes())],
+        root_certificates=pki["ca"].read_bytes(),
+        require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    try:
+        tls = {
+            "KVPACK_PORT": str(port),
+            "KVPACK_TLS_CERT": str(pki["cert"]),
+            "KVPACK_TLS_KEY": str(pki["key"]),
+            "KVPACK_HEALTHCHECK_CA": str(pki["ca"]),
+        }
+        mtls = {**tls, "KVPACK_TLS_CLIENT_CA": str(pki["ca"])}
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert _probe(**mtls).returncode == 0, _probe(**mtls).stderr
+        # No client certificate (KVPACK_TLS_CLIENT_CA unset) or plaintext: refused.
+        assert _probe(**tls).returncode == 1
+        assert _probe(KVPACK_PORT=str(port)).returncode == 1
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        refused = _probe(**mtls)
+        assert refused.returncode == 1 and "NOT_SERVING" in refused.stderr
+    finally:
+        server.stop(None)
