@@ -9,6 +9,7 @@ is passed too where the model's forward takes it.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -22,9 +23,10 @@ from kvpack.client.result import CompressResult
 class Compressor(Protocol):
     """KVPackClient, LocalKVPack or anything with their ``compress``."""
 
-    def compress(
-        self, keys: list[torch.Tensor], values: list[torch.Tensor], **kwargs: Any
-    ) -> CompressResult: ...
+    # A read-only callable member, so that clients with explicit keyword-only signatures match
+    # (a method declared with **kwargs would demand that they accept arbitrary keywords).
+    @property
+    def compress(self) -> Callable[..., CompressResult]: ...
 
 
 def _accepts(fn: Any, name: str) -> bool:
