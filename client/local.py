@@ -18,6 +18,7 @@ from kvpack import codec
 from kvpack.client import messages
 from kvpack.client.result import CompressResult, EntryInfo, LayerStats, ServerInfo
 from kvpack.errors import DataLoss, InvalidArgument, NotFound
+from kvpack.v1 import kvpack_pb2 as pb
 
 # proto3 strings have no presence (empty = unset); the numeric fields are `optional`.
 _STRING_FIELDS = ("mode", "k_grouping", "entropy")
@@ -42,6 +43,16 @@ def _quant_settings(quant: Any) -> Any:
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"quant: {e}") from e
     return settings
+
+
+def _container_meta(header: pb.CompressHeader) -> dict[str, str]:
+    """The container meta the server writes for a Compress ``header`` (policy, model, budget)."""
+    meta = {"policy": header.policy, **({"model": header.model} if header.model else {})}
+    if header.HasField("ratio"):
+        meta["ratio"] = repr(header.ratio)
+    elif header.HasField("n_keep"):
+        meta["n_keep"] = str(header.n_keep)
+    return meta
 
 
 def _max_errors(original: torch.Tensor, decoded: torch.Tensor) -> tuple[float, float]:
@@ -122,7 +133,13 @@ class LocalKVPack:
         if store:
             start = time.perf_counter()
             blob = codec.encode(
-                comp_k, comp_v, indices=indices, settings=_quant_settings(quant), seq_len=n
+                comp_k,
+                comp_v,
+                # As the server stores them, so both give byte-identical containers.
+                indices=None if policy == "none" else indices,
+                settings=_quant_settings(quant),
+                meta=_container_meta(upload.header),
+                seq_len=n,
             )
             timings["encode"] = time.perf_counter() - start
             stored_key = key or self._content_key(blob)
