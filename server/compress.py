@@ -434,6 +434,8 @@ class CompressSession:
         _timed(t, "gather", start)
         encoded = None
         if p.header.store:
+            if p.quant.mode != "lossless":
+                _require_finite(layer, ck, cv)
             start = time.perf_counter()
             try:
                 encoded = codec.encode_layer(ck, cv, None if p.policy == "none" else idx, p.quant)
@@ -580,6 +582,17 @@ class CompressSession:
                 policy["n_keep"] = h.n_keep
             return keys.content_key(h.model, layout, p.quant.to_dict(), policy, h.token_ids)
         return keys.blob_key(blob)
+
+
+def _require_finite(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Lossy and fixed encodings are error-bounded for finite values only, and the codec keeps its
+    full-precision window as is: refuse NaN/Inf in any kept K/V so none is ever stored."""
+    for name, t in (("KEYS", k), ("VALUES", v)):
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise InvalidArgument(
+                f"layer {layer} {name} contain NaN or Inf (non-finite values); only quant mode "
+                "'lossless' stores them"
+            )
 
 
 def _layer_messages(r: LayerResult) -> Iterator[pb.CompressResponse]:
