@@ -7,6 +7,7 @@ is run as real processes by test_deploy_live.py.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -363,11 +364,41 @@ class Servers:
 # -- promtool ----------------------------------------------------------------------------------
 
 
+PROMTOOL_HINT = (
+    "promtool is missing: install Debian's `prometheus` package "
+    "(apt-get install -y --no-install-recommends prometheus), or run the tests as root so this "
+    "fixture installs it"
+)
+
+
+@pytest.fixture(scope="session", name="promtool")
+def promtool_fixture() -> str:
+    """Path of promtool; installs Debian's `prometheus` package first when missing and root.
+
+    Test modules import this fixture (there is deliberately no tests/deploy/conftest.py: a second
+    module named ``conftest`` would shadow the one other test folders import from)."""
+    found = shutil.which("promtool")
+    if found:
+        return found
+    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
+        pytest.skip(PROMTOOL_HINT)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "prometheus"]
+    done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:  # a fresh machine has no package lists yet
+        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=False)
+        done = subprocess.run(install, env=env, capture_output=True, text=True, check=False)
+    found = shutil.which("promtool")
+    if not found:
+        pytest.fail(f"apt-get install prometheus did not provide promtool:\n{done.stderr[-2000:]}")
+    return found
+
+
 def promtool_path() -> str | None:
     return shutil.which("promtool")
 
 
-def promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     tool = promtool_path()
     assert tool is not None
     return subprocess.run(

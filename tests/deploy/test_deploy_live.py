@@ -25,7 +25,7 @@ import grpc
 import pytest
 import redis
 import torch
-from deploy_support import (
+from deploy_support import (  # promtool_fixture provides the `promtool` fixture
     HEALTHCHECK,
     PROMETHEUS_SYNTHETIC,
     Served,
@@ -34,6 +34,7 @@ from deploy_support import (
     free_port,
     promql_label_matchers,
     promql_metric_names,
+    promtool_fixture,  # noqa: F401
     promtool_path,
     rule_expressions,
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_support import (
+from deploy_support import (  # promtool_fixture provides the `promtool` fixture
     ALERTS,
     ALERTS_TEST,
     K8S,
@@ -20,13 +20,14 @@ from deploy_support import (
     dashboard_expressions,
     grafana_to_promql,
     load_yaml_all,
-    promtool,
+    promtool_fixture,  # noqa: F401
+    run_promtool,
 )
 
 
 @pytest.fixture(autouse=True)
 def _needs_promtool(promtool: str) -> None:
-    """Every test here runs promtool (installed or skipped by the conftest fixture)."""
+    """Every test here runs promtool (installed or skipped by the fixture)."""
 
 
 def _ok(result: object) -> None:
@@ -35,15 +36,15 @@ def _ok(result: object) -> None:
 
 
 def test_promtool_check_config_and_rules() -> None:
-    _ok(promtool("check", "config", str(PROMETHEUS)))
-    result = promtool("check", "rules", str(ALERTS))
+    _ok(run_promtool("check", "config", str(PROMETHEUS)))
+    result = run_promtool("check", "rules", str(ALERTS))
     _ok(result)
     assert "SUCCESS: 6 rules found" in result.stdout
 
 
 def test_alert_rules_fire_as_intended() -> None:
     """`promtool test rules`: synthetic series make each alert fire (or stay quiet) as stated."""
-    _ok(promtool("test", "rules", ALERTS_TEST.name, cwd=ALERTS_TEST.parent))
+    _ok(run_promtool("test", "rules", ALERTS_TEST.name, cwd=ALERTS_TEST.parent))
 
 
 def test_dashboard_expressions_parse(tmp_path: Path) -> None:
@@ -55,7 +56,7 @@ def test_dashboard_expressions_parse(tmp_path: Path) -> None:
     ]
     path = tmp_path / "dashboard_rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
-    result = promtool("check", "rules", str(path))
+    result = run_promtool("check", "rules", str(path))
     _ok(result)
     assert f"SUCCESS: {len(rules)} rules found" in result.stdout
 
@@ -66,7 +67,7 @@ def test_k8s_scrape_config(tmp_path: Path) -> None:
     (tmp_path / "prometheus.yml").write_text(configmap["data"]["prometheus.yml"])
     (tmp_path / "rules").mkdir()
     shutil.copy(ALERTS, tmp_path / "rules" / "alerts.yml")
-    result = promtool("check", "config", str(tmp_path / "prometheus.yml"))
+    result = run_promtool("check", "config", str(tmp_path / "prometheus.yml"))
     if "field kubernetes_sd_configs not found" in result.stderr + result.stdout:
         pytest.skip(
             "this promtool was built without Kubernetes service discovery (Debian's package "
