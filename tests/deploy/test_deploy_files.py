@@ -273,7 +273,7 @@ def test_dockerfile_copies_exist_and_survive_dockerignore() -> None:
         if link.is_symlink():
             target = link.resolve().relative_to(ROOT).as_posix() + "/"
             assert target in sources, f"kvpack/{link.name} links {target}, which is not copied"
-    for heavy in (".venv/bin/python", ".git/HEAD", "tests/deploy/conftest.py"):
+    for heavy in (".venv/bin/python", ".git/HEAD", "tests/deploy/deploy_support.py"):
         assert dockerignored(heavy), heavy
 
 
