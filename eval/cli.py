@@ -1,0 +1,213 @@
+"""`kvpack eval`: accuracy against compression on a causal LM (tables, JSON, CSV, PNG plots).
+
+Example (the reference model, every default policy/ratio/mode, in-process codec)::
+
+    kvpack eval --model reference --length 1024 --samples 20 --out eval-out
+
+Writes ``results.json`` and ``results.csv`` (one row per task x point, plus task ``all``, the
+average over task families), ``accuracy_vs_ratio.png`` and ``accuracy_vs_bytes.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kvpack.eval.tasks import FAMILIES
+
+DEFAULT_POLICIES = "kvcompose,kvcompose_uniform,snapkv,tova,pyramidkv,streaming"
+DEFAULT_RATIOS = "0.5,0.75,0.875,0.9375"
+DEFAULT_QUANTS = ["eb=K:0.02,V:0.04", "eb=K:0.05,V:0.1", "eb=K:0.1,V:0.2", "eb=K:0.2,V:0.4"]
+DEFAULT_MODES = "evict,lossy,fixed,evict+lossy"
+# --quant item name -> QuantSettings field
+_QUANT_NAMES = {
+    "kwin": "k_window",
+    "vwin": "v_window",
+    "block": "block_tokens",
+    "group": "k_grouping",
+    "entropy": "entropy",
+}
+
+
+def parse_quant(text: str) -> Any:
+    """``eb=K:0.05,V:0.1[,kwin=N,vwin=N,block=N,group=channel|block,entropy=...]`` -> Quant.
+
+    ``eb=X`` sets both bounds; ``K:``/``V:`` items after ``eb=`` set one each. Unset fields keep
+    the codec's defaults.
+    """
+    from kvpack.codec import QuantSettings
+    from kvpack.eval.runner import Quant
+
+    settings: dict[str, Any] = {}
+    for raw in text.split(","):
+        item = raw.strip().removeprefix("eb=")
+        name, sep, value = item.partition(":" if item[:2] in ("K:", "V:") else "=")
+        if not sep:
+            if raw.strip().startswith("eb="):
+                settings["k_error_bound"] = settings["v_error_bound"] = float(item)
+                continue
+            raise argparse.ArgumentTypeError(f"--quant: cannot parse {raw!r} in {text!r}")
+        if name in ("K", "V"):
+            settings[f"{name.lower()}_error_bound"] = float(value)
+        elif name in _QUANT_NAMES:
+            field = _QUANT_NAMES[name]
+            settings[field] = value if field in ("k_grouping", "entropy") else int(value)
+        else:
+            raise argparse.ArgumentTypeError(f"--quant: unknown item {name!r} in {text!r}")
+    try:
+        QuantSettings.from_mapping(settings).validate()
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--quant {text!r}: {e}") from e
+    full = QuantSettings.from_mapping(settings)
+    label = f"K{full.k_error_bound:g}/V{full.v_error_bound:g}"
+    extra = [f"{k}={settings[f]}" for k, f in _QUANT_NAMES.items() if f in settings]
+    return Quant(label + "".join(f",{e}" for e in extra), settings)
+
+
+def _csv(kind: type) -> Any:
+    def parse(text: str) -> list[Any]:
+        return [kind(x.strip()) for x in text.split(",") if x.strip()]
+
+    return parse
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.split("\n\n")[0] if __doc__ else None
+    parser.add_argument("--model", default="reference", help="HF causal LM folder or 'reference'")
+    parser.add_argument(
+        "--tasks", type=_csv(str), default=list(FAMILIES), help="comma list (default: every family)"
+    )
+    parser.add_argument("--length", type=int, default=1024, help="prompt tokens per example")
+    parser.add_argument("--samples", type=int, default=20, help="examples per task family")
+    parser.add_argument("--policies", type=_csv(str), default=_csv(str)(DEFAULT_POLICIES))
+    parser.add_argument(
+        "--ratios",
+        type=_csv(float),
+        default=_csv(float)(DEFAULT_RATIOS),
+        help="fractions of tokens evicted",
+    )
+    parser.add_argument(
+        "--quant",
+        type=parse_quant,
+        action="append",
+        default=None,
+        help=f"lossy setting (repeat to sweep); default {' '.join(DEFAULT_QUANTS)}",
+    )
+    parser.add_argument(
+        "--modes",
+        type=_csv(str),
+        default=_csv(str)(DEFAULT_MODES),
+        help="evict, lossy, fixed, evict+lossy (the uncompressed baseline always runs)",
+    )
+    parser.add_argument(
+        "--combo-policies",
+        type=_csv(str),
+        default=["kvcompose"],
+        help="policies combined with every --quant in evict+lossy",
+    )
+    parser.add_argument(
+        "--stats",
+        choices=("agnostic", "aware", "window"),
+        default="agnostic",
+        help="KVCompose's statistics",
+    )
+    parser.add_argument(
+        "--server",
+        default=None,
+        metavar="ADDR",
+        help="compress through this kvpack server (default in-process)",
+    )
+    parser.add_argument("--token", default=None, help="bearer token for --server")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--out", type=Path, default=Path("kvpack-eval"))
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def load_model(name: str, device: str) -> Any:
+    """The reference model, or any HF causal LM folder/hub id, in eval mode on ``device``."""
+    from kvpack.eval.model import reference_model
+
+    model: Any
+    if name == "reference":
+        model = reference_model()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa").eval()
+    return model.to(device)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from kvpack.client import KVPackClient, LocalKVPack
+    from kvpack.eval import report
+    from kvpack.eval.runner import MODES, EvalConfig, run_eval
+    from kvpack.eval.tasks import make_examples
+
+    bad = [m for m in args.modes if m not in MODES]
+    unknown = [t for t in args.tasks if t not in FAMILIES]
+    if bad or unknown:
+        print(f"kvpack eval: unknown modes {bad} / tasks {unknown}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        config = EvalConfig(
+            tasks=args.tasks, length=args.length, samples=args.samples, policies=args.policies,
+            ratios=args.ratios, quants=args.quant or [parse_quant(q) for q in DEFAULT_QUANTS],
+            modes=args.modes, combo_policies=args.combo_policies, stats=args.stats, seed=args.seed,
+        )  # fmt: skip
+    except ValueError as e:
+        print(f"kvpack eval: {e}", file=sys.stderr)
+        return 2
+    start = time.monotonic()
+    model = load_model(args.model, args.device)
+    examples = {t: make_examples(t, args.length, args.samples, args.seed) for t in args.tasks}
+    total = sum(len(v) for v in examples.values()) * len(config.points)
+    client = LocalKVPack() if args.server is None else KVPackClient(args.server, token=args.token)
+    with client, tqdm(total=total, unit="pt", disable=args.no_progress, file=sys.stderr) as bar:
+
+        def progress(task: str) -> None:
+            bar.set_postfix_str(task, refresh=False)
+            bar.update()
+
+        results = run_eval(model, client, config, examples, progress)
+    wall = time.monotonic() - start
+    rows = report.aggregate(results)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "command": "kvpack " + " ".join(sys.argv[1:]),
+        "model": args.model,
+        "tasks": args.tasks,
+        "length": args.length,
+        "samples_per_task": args.samples,
+        "stats": args.stats,
+        "seed": args.seed,
+        "backend": args.server or "in-process",
+        "machine": f"{platform.machine()} {platform.processor() or platform.system()}, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {args.device}",
+        "wall_seconds": round(wall, 1),
+    }
+    report.write_json(args.out / "results.json", rows, meta)
+    report.write_csv(args.out / "results.csv", rows)
+    print("\nAccuracy (%) by eviction policy and token ratio, average over task families:")
+    print(report.eviction_table(rows))
+    print("\nEvery point (average over task families):")
+    print(report.bytes_table(rows))
+    if not args.no_plots:
+        from kvpack.eval import plots
+
+        plots.accuracy_vs_ratio(rows, args.out / "accuracy_vs_ratio.png")
+        plots.accuracy_vs_bytes(rows, args.out / "accuracy_vs_bytes.png")
+    print(f"\n{len(results)} point evaluations in {wall:.0f} s; wrote {args.out}/")
+    return 0

@@ -1,0 +1,159 @@
+"""Aggregate per-example outcomes into points and write them: markdown tables, JSON, CSV.
+
+A row is one (task, mode, policy, ratio, eb) point: exact-match accuracy over its examples, its
+binomial standard error, and mean stored bytes against the fp16 cache. Task ``all`` is the
+macro average over task families (each family weighs the same).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from kvpack.eval.runner import PointResult
+
+ALL = "all"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One aggregated point. ``x_ratio`` = fp16 bytes / stored bytes; ``stderr`` = the
+    binomial standard error of ``accuracy`` over ``samples`` examples."""
+
+    task: str
+    mode: str
+    policy: str
+    ratio: float
+    eb: str
+    accuracy: float
+    stderr: float
+    samples: int
+    stored_bytes: float
+    fp16_bytes: float
+    x_ratio: float
+
+
+FIELDS = list(Row.__dataclass_fields__)
+
+
+def _row(
+    task: str, key: tuple[str, str, float, str], acc: float, n: int, stored: float, fp16: float
+) -> Row:
+    mode, policy, ratio, eb = key
+    stderr = math.sqrt(acc * (1 - acc) / n) if n else 0.0
+    return Row(
+        task,
+        mode,
+        policy,
+        ratio,
+        eb,
+        acc,
+        stderr,
+        n,
+        stored,
+        fp16,
+        fp16 / stored if stored else 0.0,
+    )
+
+
+def aggregate(results: list[PointResult]) -> list[Row]:
+    """Per-task rows, then the ``all`` rows (macro average over tasks), in first-seen order."""
+    groups: dict[tuple[str, str, str, float, str], list[PointResult]] = defaultdict(list)
+    for r in results:
+        s = r.spec
+        groups[r.task, s.mode, s.policy, s.ratio, s.quant_label].append(r)
+    rows: list[Row] = []
+    by_point: dict[tuple[str, str, float, str], list[Row]] = defaultdict(list)
+    for (task, mode, policy, ratio, eb), items in groups.items():
+        key = (mode, policy, ratio, eb)
+        n = len(items)
+        row = _row(
+            task,
+            key,
+            sum(r.correct for r in items) / n,
+            n,
+            sum(r.stored_bytes for r in items) / n,
+            sum(r.fp16_bytes for r in items) / n,
+        )
+        rows.append(row)
+        by_point[key].append(row)
+    for key, task_rows in by_point.items():
+        k = len(task_rows)
+        n = sum(r.samples for r in task_rows)
+        acc = sum(r.accuracy for r in task_rows) / k
+        stored = sum(r.stored_bytes for r in task_rows) / k
+        fp16 = sum(r.fp16_bytes for r in task_rows) / k
+        rows.append(_row(ALL, key, acc, n, stored, fp16))
+    return rows
+
+
+def _fmt_ratio(r: float) -> str:
+    return f"{r:g}"
+
+
+def eviction_table(rows: list[Row], task: str = ALL) -> str:
+    """Markdown: accuracy (%) of each policy (rows) at each ratio (columns), eviction only."""
+    evict = [r for r in rows if r.task == task and r.mode == "evict"]
+    base = next((r for r in rows if r.task == task and r.mode == "baseline"), None)
+    ratios = sorted({r.ratio for r in evict})
+    policies = list(dict.fromkeys(r.policy for r in evict))
+    cell = {(r.policy, r.ratio): r for r in evict}
+    head = "| policy | " + " | ".join(_fmt_ratio(x) for x in ratios) + " |"
+    lines = [head, "|---|" + "---:|" * len(ratios)]
+    if base is not None:
+        lines.append(
+            "| uncompressed | " + " | ".join(f"{100 * base.accuracy:.1f}" for _ in ratios) + " |"
+        )
+    for p in policies:
+        cells = [f"{100 * cell[p, x].accuracy:.1f}" if (p, x) in cell else "" for x in ratios]
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def family_table(rows: list[Row], ratio: float) -> str:
+    """Markdown: accuracy (%) per task family of each policy at one ratio (eviction only)."""
+    evict = [r for r in rows if r.mode == "evict" and r.ratio == ratio and r.task != ALL]
+    tasks = list(dict.fromkeys(r.task for r in evict))
+    policies = list(dict.fromkeys(r.policy for r in evict))
+    cell = {(r.policy, r.task): r.accuracy for r in evict}
+    lines = ["| policy | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    for p in policies:
+        lines.append(
+            f"| {p} | "
+            + " | ".join(f"{100 * cell.get((p, t), math.nan):.0f}" for t in tasks)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
+def bytes_table(rows: list[Row], task: str = ALL) -> str:
+    """Markdown: every point with its stored bytes (mean per example) and x-ratio vs fp16."""
+    lines = [
+        "| mode | policy | ratio | eb | accuracy % | ± | stored KiB | x vs fp16 |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.task != task:
+            continue
+        lines.append(
+            f"| {r.mode} | {r.policy} | {_fmt_ratio(r.ratio)} | {r.eb or '-'} | "
+            f"{100 * r.accuracy:.1f} | {100 * r.stderr:.1f} | {r.stored_bytes / 1024:.1f} | "
+            f"{r.x_ratio:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def write_json(path: Path, rows: list[Row], meta: dict[str, Any]) -> None:
+    path.write_text(json.dumps({**meta, "points": [asdict(r) for r in rows]}, indent=1) + "\n")
+
+
+def write_csv(path: Path, rows: list[Row]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)

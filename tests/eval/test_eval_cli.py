@@ -1,0 +1,165 @@
+"""`kvpack eval` end to end on a few short examples: files written, and a real server on loopback
+gives the same accuracy and bytes as the in-process codec."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import importlib.util
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from kvpack.cli import main
+from kvpack.eval.cli import parse_quant
+from kvpack.eval.runner import token_map
+from kvpack.eval.tasks import VOCAB_SIZE
+
+# Small enough for ~10 s per run on two shared CPU cores; every mode and a ragged composite.
+# Length 165 leaves a 160-token context (question: 5 tokens), so every ratio gives whole per-layer
+# budgets: the server selects policies without scores (streaming) layer by layer, LocalKVPack
+# splits one global budget, and the two round a fractional budget differently.
+ARGS = [
+    "--tasks", "single_filler,multikey", "--length", "165", "--samples", "2",
+    "--policies", "kvcompose,snapkv,streaming", "--ratios", "0.5,0.875",
+    "--quant", "eb=K:0.1,V:0.2,kwin=0,vwin=0,block=16", "--threads", "2", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A random-init model of the reference architecture (the task vocabulary)."""
+    from transformers import LlamaForCausalLM
+
+    from kvpack.eval.model import reference_config
+
+    torch.manual_seed(0)
+    config = reference_config(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    path = tmp_path_factory.mktemp("model")
+    LlamaForCausalLM(config).save_pretrained(path)
+    return str(path)
+
+
+class ServerThread:
+    """A kvpack server on 127.0.0.1:0 on its own event loop, for blocking clients."""
+
+    def __init__(self) -> None:
+        from kvpack.server.app import KVPackServer
+        from kvpack.server.config import ServerConfig
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, workers=2)
+        self.server = KVPackServer(config)
+        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=60)
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    def stop(self) -> None:
+        stop = self.server.stop(grace=0.5)
+        asyncio.run_coroutine_threadsafe(stop, self.loop).result(timeout=60)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[ServerThread]:
+    running = ServerThread()
+    yield running
+    running.stop()
+
+
+def run_eval(model: str, out: Path, *extra: str) -> dict[str, Any]:
+    assert main(["eval", "--model", model, *ARGS, "--out", str(out), *extra]) == 0
+    result: dict[str, Any] = json.loads((out / "results.json").read_text())
+    return result
+
+
+@pytest.fixture(scope="module")
+def local_run(model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("local")
+    run_eval(model_path, out)
+    return out
+
+
+def test_writes_json_csv_and_plots(local_run: Path) -> None:
+    result = json.loads((local_run / "results.json").read_text())
+    rows = result["points"]
+    modes = {r["mode"] for r in rows}
+    assert modes == {"baseline", "evict", "lossy", "fixed", "evict+lossy"}
+    assert {r["task"] for r in rows} == {"single_filler", "multikey", "all"}
+    # per task: baseline + 3 policies x 2 ratios + lossy + fixed + 2 ratios evict+lossy
+    assert len(rows) == 3 * (1 + 6 + 1 + 1 + 2)
+    assert result["backend"] == "in-process" and result["wall_seconds"] > 0
+    for r in rows:
+        assert r["stored_bytes"] > 0 and r["fp16_bytes"] > r["stored_bytes"] * 0.5
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["samples"] in (2, 4)
+    by = {(r["task"], r["mode"], r["policy"], r["ratio"]): r for r in rows}
+    base = by["all", "baseline", "none", 0.0]
+    for policy in ("kvcompose", "snapkv", "streaming"):
+        # Eviction shrinks the container roughly in proportion to the kept tokens.
+        assert by["all", "evict", policy, 0.875]["x_ratio"] > 5 * base["x_ratio"]
+    # Lossy encoding of the same kept tokens stores fewer bytes than lossless.
+    combo = by["all", "evict+lossy", "kvcompose", 0.5]
+    assert combo["stored_bytes"] < by["all", "evict", "kvcompose", 0.5]["stored_bytes"]
+    lossy, fixed = by["all", "lossy", "none", 0.0], by["all", "fixed", "none", 0.0]
+    assert lossy["accuracy"] == fixed["accuracy"]  # same quantiser, different bit packing
+
+    with (local_run / "results.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) and float(csv_rows[0]["x_ratio"]) > 0
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed: PNG plots not checked")
+    for name in ("accuracy_vs_ratio.png", "accuracy_vs_bytes.png"):
+        data = (local_run / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+
+
+def test_server_run_matches_in_process(
+    local_run: Path, model_path: str, server: ServerThread, tmp_path: Path
+) -> None:
+    remote = run_eval(model_path, tmp_path, "--server", server.address, "--no-plots")
+    local = json.loads((local_run / "results.json").read_text())
+    assert remote["backend"] == server.address
+
+    def key(rows: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+        fields = ("task", "mode", "policy", "ratio", "eb", "accuracy", "stored_bytes")
+        return [tuple(r[f] for f in fields) for r in rows]
+
+    assert key(remote["points"]) == key(local["points"])
+
+
+def test_parse_quant() -> None:
+    q = parse_quant("eb=K:0.05,V:0.1,kwin=0,vwin=8,block=32")
+    assert q.settings == {
+        "k_error_bound": 0.05,
+        "v_error_bound": 0.1,
+        "k_window": 0,
+        "v_window": 8,
+        "block_tokens": 32,
+    }
+    assert q.label == "K0.05/V0.1,kwin=0,vwin=8,block=32"
+    assert parse_quant("eb=0.2").settings == {"k_error_bound": 0.2, "v_error_bound": 0.2}
+    for bad in ("eb=K:2", "foo=1", "K0.1"):
+        with pytest.raises(Exception, match="--quant"):
+            parse_quant(bad)
+
+
+def test_token_map_for_foreign_vocabularies() -> None:
+    assert token_map(VOCAB_SIZE) is None
+    mapping = token_map(32000, [1, 2, 0])
+    assert mapping is not None
+    assert len(set(mapping.tolist())) == VOCAB_SIZE
+    assert not {0, 1, 2} & set(mapping.tolist()) and int(mapping.max()) < 32000
+    assert np.array_equal(mapping, token_map(32000, [1, 2, 0]))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="smaller"):
+        token_map(300)
