@@ -13,7 +13,7 @@ from grpc import aio
 from kvpack.client import messages
 from kvpack.client.channel import CallPolicy, TLSArg, auth_metadata, channel_credentials, retryable
 from kvpack.client.result import CompressResult, EntryInfo, ServerInfo
-from kvpack.errors import DataLoss, from_rpc_error
+from kvpack.errors import DataLoss, DeadlineExceeded, from_rpc_error
 from kvpack.options import channel_options
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc
@@ -107,14 +107,26 @@ class AsyncKVPackClient:
         )
 
         async def run() -> CompressResult:
+            deadline = self.policy.deadline(2 * upload.nbytes)
             call = self._stub.Compress(
                 _off_loop(upload.requests(progress)),
-                timeout=self.policy.deadline(2 * upload.nbytes),
+                timeout=deadline,
                 metadata=self._metadata,
             )
             try:
                 async for response in call:
                     answer.add(response)
+            except grpc.RpcError as e:
+                call.cancel()
+                left = call.time_remaining()
+                if e.code() == grpc.StatusCode.INTERNAL and left is not None and left <= 0:
+                    # grpc.aio reports a deadline that expires while the request stream is still
+                    # being written as INTERNAL "Internal error from Core" (the sync client says
+                    # DEADLINE_EXCEEDED): report what happened.
+                    raise DeadlineExceeded(
+                        f"Compress deadline of {deadline:.1f} s exceeded during the upload"
+                    ) from e
+                raise
             except BaseException:
                 call.cancel()
                 raise

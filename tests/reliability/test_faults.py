@@ -1,0 +1,335 @@
+"""Faults: server SIGKILLed mid-upload and restarted on its disk store, Redis killed and restarted
+during traffic, a full memory store, a client deadline expiring during a large Compress."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from conftest import RedisProcess
+from deploy_support import Servers
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from server_support import fetch, make_cache, put_requests
+from test_quant import check_bound
+
+from kvpack import codec, errors
+from kvpack.client import AsyncKVPackClient, CompressResult
+from kvpack.codec import QuantSettings
+from kvpack.server.compress import CompressSession
+from kvpack.v1 import kvpack_pb2 as pb
+from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+
+QUANT = QuantSettings(k_window=16, v_window=16, block_tokens=32)
+SMALL: dict[str, Any] = {"layers": 3, "hkv": 2, "hq": 4, "n": 128, "d": 32}
+#: 8 layers x 2 x 1 MiB (bf16 [1, 2, 2048, 128]): long enough to interrupt mid-upload.
+LARGE: dict[str, Any] = {"layers": 8, "hkv": 2, "hq": 8, "n": 2048, "d": 128}
+#: "Fail fast": a store outage must be reported well within this many seconds.
+FAIL_FAST_S = 2.0
+
+
+def verify_against(decoded: Any, result: CompressResult) -> None:
+    """A fetched entry decodes to the composite cache it was made from, within the bound."""
+    assert len(decoded.keys) == len(result.keys)
+    for layer in range(len(result.keys)):
+        assert torch.equal(decoded.indices[layer], result.indices[layer])
+        check_bound(result.keys[layer], decoded.keys[layer], "k", QUANT)
+        check_bound(result.values[layer], decoded.values[layer], "v", QUANT)
+
+
+async def health_status(channel: aio.Channel) -> int:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(), timeout=5
+    )
+    return int(reply.status)
+
+
+# -- SIGKILL mid-upload, restart on the disk store ----------------------------------------------
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_upload_then_restart_on_disk(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    servers = Servers(tmp_path)
+    try:
+        (first,) = await asyncio.to_thread(servers, "--store", "disk", "--disk-path", str(store))
+        committed: dict[str, CompressResult] = {}
+        async with AsyncKVPackClient(first.target, timeout=60) as client:
+            for i in range(3):
+                scores, keys, values = make_cache(**SMALL, seed=20 + i)
+                committed[f"kept/{i}"] = await client.compress(
+                    keys, values, scores=scores, ratio=0.5, key=f"kept/{i}", quant=QUANT
+                )
+            # A large upload, paused by its progress callback after two tensors: SIGKILL then.
+            scores, keys, values = make_cache(**LARGE, seed=99)
+            uploaded: list[int] = []
+            paused = threading.Event()
+
+            def progress(nbytes: int) -> None:
+                uploaded.append(nbytes)
+                if len(uploaded) == 2:
+                    paused.set()
+                    time.sleep(1.0)  # hold the upload here (worker thread) while it is killed
+
+            task = asyncio.create_task(
+                client.compress(
+                    keys, values, scores=scores, ratio=0.5, key="torn/big", progress=progress
+                )
+            )
+            for _ in range(600):
+                if paused.is_set() or task.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert paused.is_set(), "the upload never started"
+            os.kill(first.proc.pid, signal.SIGKILL)
+            with pytest.raises(errors.Unavailable):
+                await asyncio.wait_for(task, 30)
+        assert first.proc.wait(timeout=10) == -signal.SIGKILL
+        assert len(uploaded) < 2 * LARGE["layers"] + 1, "the upload finished before the kill"
+        assert len(list(store.glob("*.kvpe"))) == len(committed)
+        # What a kill during the disk write itself leaves behind: a partial temporary file.
+        (store / ".tmp-torn-write").write_bytes(b"KVPE1\n" + b"\x00" * 100)
+
+        (second,) = await asyncio.to_thread(servers, "--store", "disk", "--disk-path", str(store))
+        assert not list(store.glob(".tmp-*")), "partial files must be removed on open"
+        async with AsyncKVPackClient(second.target, timeout=60) as client:
+            assert sorted([e.key async for e in client.list()]) == sorted(committed)
+            with pytest.raises(errors.NotFound):
+                await client.stat("torn/big")
+            for key, result in committed.items():
+                blob = await client.fetch_bytes(key)
+                codec.verify(blob)
+                verify_against(codec.decode(blob), result)
+    finally:
+        await asyncio.to_thread(servers.stop)
+
+
+# -- Redis outage during traffic ----------------------------------------------------------------
+
+
+class Traffic:
+    """Put-then-Fetch cycles in a loop (bounded in count and time), each outcome recorded."""
+
+    def __init__(self, stub: Any, blob: bytes) -> None:
+        self.stub, self.blob = stub, blob
+        self.results: list[tuple[float, str, grpc.StatusCode, float]] = []
+        self.stop = asyncio.Event()
+
+    async def run(self, max_cycles: int = 2000, max_seconds: float = 40.0) -> None:
+        end = time.monotonic() + max_seconds
+        for i in range(max_cycles):
+            if self.stop.is_set() or time.monotonic() > end:
+                return
+            key = f"traffic/{i}"
+            await self._one("Put", self.stub.Put(put_requests(self.blob, key), timeout=10))
+            await self._one("Fetch", fetch(self.stub, key, timeout=10))
+            await asyncio.sleep(0.02)
+
+    async def _one(self, name: str, aw: Any) -> None:
+        start = time.monotonic()
+        code = grpc.StatusCode.OK
+        try:
+            await aw
+        except aio.AioRpcError as e:
+            code = e.code()
+        self.results.append((start, name, code, time.monotonic() - start))
+
+    def after(self, t: float) -> list[tuple[float, str, grpc.StatusCode, float]]:
+        return [r for r in self.results if r[0] >= t]
+
+
+async def wait_for(predicate: Any, seconds: float, what: str) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s: {what}")
+
+
+@pytest.mark.slow
+async def test_redis_outage_fails_fast_and_recovers(
+    own_redis: RedisProcess, start_server: Any, channels: Any
+) -> None:
+    server = await start_server(store="redis", redis_url=own_redis.url, redis_prefix="outage:")
+    channel = channels(server.address)
+    stub = pb_grpc.KVPackStub(channel)
+    k = torch.randn(1, 2, 64, 16)
+    blob = codec.encode([k], [k])
+    await stub.Put(put_requests(blob, "before"), timeout=5)
+    traffic = Traffic(stub, blob)
+    runner = asyncio.create_task(traffic.run())
+    try:
+        await wait_for(lambda: len(traffic.results) >= 10, 20, "traffic before the outage")
+        t_down = time.monotonic()
+        own_redis.stop()  # SIGKILL
+        await wait_for(
+            lambda: sum(r[2] != grpc.StatusCode.OK for r in traffic.after(t_down)) >= 20,
+            10,
+            "failures during the outage",
+        )
+        # Every kind of call fails fast with UNAVAILABLE naming Redis and its address.
+        calls = {
+            "Put": lambda: stub.Put(put_requests(blob, "during"), timeout=10),
+            "Fetch": lambda: fetch(stub, "before", timeout=10),
+            "Stat": lambda: stub.Stat(pb.StatRequest(key="before"), timeout=10),
+            "List": lambda: stub.List(pb.ListRequest(), timeout=10),
+            "Delete": lambda: stub.Delete(pb.DeleteRequest(key="before"), timeout=10),
+        }
+        for name, call in calls.items():
+            start = time.monotonic()
+            with pytest.raises(aio.AioRpcError) as err:
+                await call()
+            elapsed = time.monotonic() - start
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (name, err.value.details())
+            details = err.value.details() or ""
+            assert "redis" in details and "unreachable" in details, details
+            assert f"127.0.0.1:{own_redis.port}" in details, details
+            assert elapsed < FAIL_FAST_S, f"{name} took {elapsed:.2f} s"
+        async with AsyncKVPackClient(server.address, retries=0, timeout=10) as client:
+            with pytest.raises(errors.Unavailable, match="redis"):
+                await client.stat("before")
+        assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+
+        t_up = time.monotonic()
+        await asyncio.to_thread(own_redis.start)
+        restarted = time.monotonic()
+        await wait_for(
+            lambda: any(r[2] == grpc.StatusCode.OK for r in traffic.after(restarted)),
+            10,
+            "recovery after Redis returned",
+        )
+        recovered = min(r[0] for r in traffic.after(restarted) if r[2] == grpc.StatusCode.OK)
+        await wait_for(lambda: len(traffic.after(recovered)) >= 10, 10, "traffic after recovery")
+    finally:
+        traffic.stop.set()
+        await asyncio.wait_for(runner, 30)
+
+    outage = [r for r in traffic.results if t_down <= r[0] < t_up]
+    codes = {r[2] for r in traffic.results}
+    assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+    slow = [r for r in outage if r[3] >= FAIL_FAST_S]
+    assert not slow, f"{len(slow)} calls during the outage took >= {FAIL_FAST_S} s"
+    after = traffic.after(recovered)
+    assert after and all(r[2] == grpc.StatusCode.OK for r in after), "did not stay recovered"
+    # The server process itself never went down: same server, health SERVING, new data works.
+    assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+    await stub.Put(put_requests(blob, "after"), timeout=5)
+    assert await fetch(stub, "after", timeout=5) == blob
+    worst = max(r[3] for r in outage) if outage else 0.0
+    print(
+        f"\nredis outage: {len(outage)} calls during it, worst {worst * 1000:.0f} ms; "
+        f"recovered {recovered - restarted:.2f} s after Redis answered again"
+    )
+
+
+# -- memory budget -------------------------------------------------------------------------------
+
+
+def containers(count: int, seed: int = 0) -> list[bytes]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        k = torch.randn(1, 2, 96, 32, generator=g).half()
+        out.append(codec.encode([k, k], [k, k], settings=QuantSettings(mode="lossless")))
+    return out
+
+
+async def test_memory_budget_evicts_whole_lru_entries(start_server: Any, channels: Any) -> None:
+    blobs = containers(16)
+    size = max(len(b) for b in blobs)
+    budget = 3 * size + size // 2
+    server = await start_server(store="memory", store_bytes=budget)
+    stub = pb_grpc.KVPackStub(channels(server.address))
+
+    async def listed() -> list[str]:
+        return [e.key for e in (await stub.List(pb.ListRequest(), timeout=5)).entries]
+
+    for i in range(3):
+        await stub.Put(put_requests(blobs[i], f"e{i}"), timeout=5)
+    assert await fetch(stub, "e0", timeout=5) == blobs[0]  # e0 is now the most recently used
+    await stub.Put(put_requests(blobs[3], "e3"), timeout=5)
+    assert await listed() == ["e0", "e2", "e3"]  # e1 was least recently used
+    evictions = server.metrics.registry.get_sample_value(
+        "kvpack_store_evictions_total", {"store": "memory"}
+    )
+    assert evictions == 1.0
+
+    # An entry that can never fit is refused whole, and evicts nothing.
+    huge = codec.encode(
+        [torch.randn(1, 4, 512, 64)] * 2, [torch.randn(1, 4, 512, 64)] * 2,
+        settings=QuantSettings(mode="lossless"),
+    )  # fmt: skip
+    assert len(huge) > budget
+    with pytest.raises(aio.AioRpcError) as err:
+        await stub.Put(put_requests(huge, "huge"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "budget" in (err.value.details() or "")
+    assert await listed() == ["e0", "e2", "e3"]
+
+    # Concurrent writers over the budget: whatever survives is whole and byte-identical.
+    await asyncio.gather(
+        *(stub.Put(put_requests(blobs[i], f"c{i}"), timeout=10) for i in range(4, 16))
+    )
+    usage = await server.store.usage()
+    assert usage.bytes <= budget and 1 <= usage.entries <= 3
+    by_key = {f"e{i}": blobs[i] for i in range(4)} | {f"c{i}": blobs[i] for i in range(4, 16)}
+    for key in await listed():
+        data = await fetch(stub, key, timeout=5)
+        assert data == by_key[key]
+        codec.verify(data)
+
+    # A Compress into the full store evicts too and stores a complete entry.
+    async with AsyncKVPackClient(server.address, timeout=30) as client:
+        scores, keys, values = make_cache(layers=2, hkv=2, hq=4, n=64, d=16, seed=5)
+        result = await client.compress(
+            keys, values, scores=scores, ratio=0.5, key="compressed", quant=QUANT
+        )
+        verify_against(await client.fetch("compressed"), result)
+    assert (await server.store.usage()).bytes <= budget
+
+
+# -- deadline expiry during a large Compress -----------------------------------------------------
+
+
+def live_sessions() -> int:
+    gc.collect()
+    return sum(type(o) is CompressSession for o in gc.get_objects())
+
+
+async def test_deadline_expiry_abandons_compress(start_server: Any) -> None:
+    server = await start_server()
+    scores, keys, values = make_cache(**LARGE, seed=7)
+    baseline_sessions = live_sessions()
+    gauge = server.metrics.inflight_streams.labels("Compress")
+    async with AsyncKVPackClient(server.address, timeout=0.3, timeout_per_mib=0.0) as client:
+        start = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded):
+            await client.compress(keys, values, scores=scores, ratio=0.5, key="too/slow")
+        assert time.monotonic() - start < 5
+    # The server lets go: no stream slot, no in-flight gauge, no session object, nothing stored.
+    await wait_for(lambda: server.servicer.streams.active == 0, 10, "stream slot released")
+    await wait_for(lambda: gauge._value.get() == 0, 10, "inflight gauge back to 0")
+    await wait_for(lambda: live_sessions() <= baseline_sessions, 10, "session freed")
+    usage = await server.store.usage()
+    assert (usage.entries, usage.bytes) == (0, 0)
+    code = server.metrics.registry.get_sample_value(
+        "kvpack_requests_total", {"method": "Compress", "code": "DEADLINE_EXCEEDED"}
+    )
+    assert code == 1.0
+    # The codec pool is not left clogged: a normal call right after succeeds.
+    async with AsyncKVPackClient(server.address, timeout=30) as client:
+        small = make_cache(**SMALL, seed=8)
+        result = await client.compress(
+            small[1], small[2], scores=small[0], ratio=0.5, key="after", quant=QUANT
+        )
+        verify_against(await client.fetch("after"), result)
