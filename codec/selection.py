@@ -7,6 +7,7 @@ With B = 1 and a structured policy there is never padding.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -33,6 +34,16 @@ def _layout_of_scores(scores: object, num_kv_heads: int | None) -> tuple[int, in
     return layers, batch, hkv, n
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in `t`. min/max reductions propagate NaN and keep +-Inf, and one fused
+    aminmax pass costs about a tenth of isfinite().all() on CPU half tensors (profiled: it was
+    75% of knorm's select+gather, 16x a copy of the cache)."""
+    if t.numel() == 0:
+        return True
+    lo, hi = t.aminmax()
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _check_cache(
     name: str,
     tensors: object,
@@ -54,7 +65,7 @@ def _check_cache(
         if t.device != device:
             raise ValueError(f"{name}[{i}] is on {t.device}, expected {device}")
         # Scanning a cache the policy ignores would cost a full read of it.
-        if used and not bool(torch.isfinite(t).all()):
+        if used and not _all_finite(t):
             raise ValueError(f"{name}[{i}] contains NaN or Inf")
     return list(tensors)
 
