@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +45,28 @@ def _version(name: str) -> str:
         return "missing"
 
 
+def source_state() -> str:
+    """ "<commit>" or "<commit> + uncommitted changes to a.py, b.py" for the code being measured
+    (the tree is shared, so a run may include others' work in progress); "unknown" outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "*.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.split("\n")
+    except OSError:
+        return "unknown"
+    changed = sorted(line[3:] for line in dirty if line.strip())
+    if not head:
+        return "unknown"
+    return f"{head} + uncommitted changes to {', '.join(changed)}" if changed else head
+
+
 def describe(device: str) -> dict[str, Any]:
     """Machine facts for the report; `device` is the torch device codec parts ran on."""
     info: dict[str, Any] = {
@@ -54,6 +78,7 @@ def describe(device: str) -> dict[str, Any]:
         "versions": {name: _version(name) for name in _PACKAGES},
         "device": device,
         "load_average": load_average(),
+        "source": source_state(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
@@ -68,5 +93,5 @@ def line(info: dict[str, Any]) -> str:
     return (
         f"machine: {info['cpu']} | {info['cores']} cores ({info['usable_cores']} usable, "
         f"{info['torch_threads']} torch threads) | python {info['python']} {versions} | "
-        f"device {device} | load average {load}"
+        f"device {device} | load average {load} | source {info['source']}"
     )
