@@ -6,13 +6,16 @@ Recipe (what made a ~1M-parameter model learn retrieval on CPU):
 - a short warm-up on repeated random chunks, so induction (match-and-copy) heads form first;
 - loss = cross-entropy on the answer tokens + ``lm_weight`` x LM loss on filler (which contains
   copied spans) and needle syntax, never on the random key/value tokens inside needles;
-- a curriculum over lengths (128 -> ... -> ``--lengths[-1]``); each step is ~``tokens-per-step``
-  tokens, half at the current stage's length and half at an earlier one so short lengths stay.
-The schedule (warm-up, curriculum, cosine LR) follows progress = max(step / steps, elapsed /
-max-minutes): on an idle CPU the run is step-bound and reproducible from ``--seed``; on a busy,
-shared CPU the wall-clock cap takes over so the curriculum and LR decay still complete (with fewer
-steps, recorded in ``train_state.json``). A checkpoint (``save_pretrained`` +
-``train_state.json``) is written every ``--checkpoint-minutes``.
+- a curriculum over lengths (128 -> ... -> ``--lengths[-1]``) gated on competence: the run moves
+  to the next length only once the in-run monitor (single needle + multi-key exact match at the
+  current length) reaches ``--gate``, so a slow, shared CPU never outruns what the model has
+  learned. Each step is ~``tokens-per-step`` tokens, half at the current length and half at an
+  earlier one so short lengths are not forgotten.
+The copy warm-up and cosine LR follow progress = max(step / steps, elapsed / max-minutes): on an
+idle CPU the run is step-bound; on a busy, shared CPU the wall-clock cap takes over so the LR decay
+still completes (with fewer steps, recorded in ``train_state.json``). Every
+``--checkpoint-minutes`` the monitor runs and a checkpoint (``save_pretrained`` +
+``train_state.json``) is written. ``--init`` continues from an earlier checkpoint's weights.
 """
 
 from __future__ import annotations
@@ -37,37 +40,23 @@ from kvpack.eval.tasks import (
     sample_distractors,
 )
 
-WARMUP_FRACTION = 0.06  # of progress spent on the copy warm-up
 LR_WARMUP_FRACTION = 0.01
 # Retrieval families get full weight; the aggregation tasks are sampled less so they don't eat the
 # small CPU budget, and some copy keeps the induction heads sharp.
-FAMILY_WEIGHTS = {"vartrack": 0.7, "cwe": 0.3, "fwe": 0.3, "copy": 0.3}
+FAMILY_WEIGHTS = {"vartrack": 0.5, "cwe": 0.15, "fwe": 0.15, "copy": 0.3}
 MONITOR_FAMILIES = ("single_filler", "multikey")
 
 
-def stage_bounds(lengths: Sequence[int]) -> list[float]:
-    """Progress at which each curriculum stage ends; longer stages get more time (weight ~ i+1)."""
-    weights = np.arange(1, len(lengths) + 1, dtype=np.float64)
-    ends = WARMUP_FRACTION + (1 - WARMUP_FRACTION) * np.cumsum(weights) / weights.sum()
-    return [float(e) for e in ends]
-
-
-def pick_length(progress: float, lengths: Sequence[int], rng: np.random.Generator) -> int:
+def pick_length(stage: int, lengths: Sequence[int], rng: np.random.Generator) -> int:
     """Prompt length for one step: the stage's length or (half the time) an earlier one,
     jittered down by up to a quarter so positions between the grid points are seen too."""
-    if progress < WARMUP_FRACTION:
-        base = lengths[0]
-    else:
-        stage = next(
-            (i for i, end in enumerate(stage_bounds(lengths)) if progress < end), len(lengths) - 1
-        )
-        base = lengths[stage] if rng.random() < 0.5 else lengths[int(rng.integers(0, stage + 1))]
+    base = lengths[stage] if rng.random() < 0.5 else lengths[int(rng.integers(0, stage + 1))]
     return int(rng.integers(base * 3 // 4, base + 1))
 
 
-def pick_family(progress: float, rng: np.random.Generator) -> str:
-    """Copy warm-up first; afterwards every family at ``FAMILY_WEIGHTS``."""
-    if progress < WARMUP_FRACTION:
+def pick_family(warmup: bool, rng: np.random.Generator) -> str:
+    """Copy during the warm-up; afterwards every family at ``FAMILY_WEIGHTS``."""
+    if warmup:
         return "copy"
     families = [*FAMILIES, "copy"]
     weights = np.array([FAMILY_WEIGHTS.get(f, 1.0) for f in families])
@@ -140,8 +129,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    p.add_argument("--monitor-samples", type=int, default=8)
+    p.add_argument("--warmup-fraction", type=float, default=0.06, help="of progress, copy only")
+    p.add_argument("--gate", type=float, default=0.8, help="monitor accuracy to lengthen")
+    p.add_argument("--init", type=Path, default=None, help="start from these weights")
+    p.add_argument("--checkpoint-minutes", type=float, default=2.0)
+    p.add_argument("--monitor-samples", type=int, default=16)
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -156,7 +148,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_positions=max(4096, max(args.lengths)),
     )
     config._attn_implementation = "sdpa"
-    model = LlamaForCausalLM(config)
+    if args.init:
+        model = LlamaForCausalLM.from_pretrained(args.init, attn_implementation="sdpa")
+    else:
+        model = LlamaForCausalLM(config)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
@@ -167,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     last_ckpt = start
     tokens = 0
     step = 0
+    stage = 0
     ema: dict[str, float] = {}
     bar = tqdm(total=args.steps, mininterval=15, smoothing=0.05)
     while True:
@@ -174,11 +170,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         progress = max(step / args.steps, elapsed / (60 * args.max_minutes))
         if progress >= 1:
             break
-        length = pick_length(progress, args.lengths, rng)
+        warmup = progress < args.warmup_fraction
+        length = pick_length(0 if warmup else stage, args.lengths, rng)
         batch = [
             make_example(fam, length, rng, sample_distractors(fam, length, rng))
             for fam in (
-                pick_family(progress, rng) for _ in range(max(1, args.tokens_per_step // length))
+                pick_family(warmup, rng) for _ in range(max(1, args.tokens_per_step // length))
             )
         ]
         ids, answer_mask, lm_mask = collate(batch)
@@ -209,13 +206,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         now = time.monotonic()
         if now - last_ckpt > 60 * args.checkpoint_minutes:
-            accs = monitor(model, max(args.lengths[0], length), args.monitor_samples)
+            accs_length = args.lengths[stage]
+            accs = monitor(model, accs_length, args.monitor_samples)
+            promoted = not warmup and min(accs.values()) >= args.gate
+            if promoted and stage + 1 < len(args.lengths):
+                stage += 1
             state = {
                 "step": step,
                 "tokens": tokens,
                 "elapsed_s": round(now - start),
                 "progress": round(progress, 4),
-                "length": length,
+                "monitor_length": accs_length,
+                "next_length": args.lengths[stage],
                 "ema_answer_loss": ema["ans"],
                 "ema_lm_loss": ema["lm"],
                 "monitor": accs,
@@ -226,8 +228,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             last_ckpt = time.monotonic()
     bar.close()
     elapsed = time.monotonic() - start
-    accs = monitor(model, args.lengths[-1], args.monitor_samples)
+    accs = monitor(model, args.lengths[stage], args.monitor_samples)
     state = {
+        "final_stage_length": args.lengths[stage],
         "step": step,
         "tokens": tokens,
         "elapsed_s": round(elapsed),
