@@ -13,18 +13,24 @@ from dataclasses import dataclass
 import numpy as np
 import zstandard
 
-from kvpack.codec import huffman, lossless, quant
+from kvpack.codec import huffman, kernels, lossless, quant
 
 ZSTD_LEVEL = 3
 
 
 def shannon_bits(symbols: np.ndarray, n_levels: int) -> float:
-    """Total order-0 Shannon information of `symbols` in bits (count * empirical entropy)."""
-    if symbols.size == 0:
+    """Total order-0 Shannon information of `symbols` (ints in [0, n_levels)) in bits."""
+    flat = np.ascontiguousarray(symbols).reshape(-1)
+    hist = kernels.block_histograms(flat, np.array([flat.size], dtype=np.int64), n_levels)
+    return histogram_bits(hist[0])
+
+
+def histogram_bits(hist: np.ndarray) -> float:
+    """Order-0 Shannon information in bits (count * empirical entropy) of a symbol histogram."""
+    counts = hist[hist > 0].astype(np.float64)
+    if counts.size == 0:
         return 0.0
-    counts = np.bincount(symbols.reshape(-1), minlength=n_levels).astype(np.float64)
-    p = counts[counts > 0] / symbols.size
-    return float(-(counts[counts > 0] * np.log2(p)).sum())
+    return float(-(counts * np.log2(counts / counts.sum())).sum())
 
 
 def symbol_width(n_levels: int) -> int:
@@ -34,11 +40,13 @@ def symbol_width(n_levels: int) -> int:
 
 @dataclass(frozen=True)
 class CodedBlocks:
-    """Per-block payloads and the coder of each; `lengths` is the Huffman codebook or None."""
+    """Per-block payloads and the coder of each; `lengths` is the Huffman codebook or None;
+    `histogram` counts every input symbol (int64 [n_levels]), for entropy statistics."""
 
     payloads: list[bytes]
     coders: list[str]
     lengths: np.ndarray | None
+    histogram: np.ndarray
 
 
 def encode_symbol_blocks(
@@ -49,62 +57,68 @@ def encode_symbol_blocks(
     mode: str,
     lengths: np.ndarray | None = None,
 ) -> CodedBlocks:
-    """Code consecutive blocks of `symbols` (1-D, block i holds counts[i]).
+    """Code consecutive blocks of `symbols` (1-D ints in [0, n_levels), block i holds counts[i]).
 
     mode "fixed" bit-packs every block. Otherwise `entropy` picks "huffman", "zstd" or "auto"
-    (the smaller per block). `lengths`: an existing codebook to reuse (appends); when None one is
-    built from these symbols. A block with a symbol the codebook cannot code falls back to zstd.
+    (the smaller per block, Huffman on a tie). `lengths`: an existing codebook to reuse
+    (appends); when None one is built from these symbols. A block with a symbol the codebook
+    cannot code falls back to zstd.
     """
-    bounds = np.concatenate(([0], np.cumsum(counts)))
+    counts = np.asarray(counts, dtype=np.int64)
+    symbols = np.ascontiguousarray(symbols).reshape(-1)
+    bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
+    # One pass: per-block histograms give the codebook, each block's exact Huffman size and
+    # codability, and the entropy statistics, so Huffman only runs on blocks it wins.
+    hists = kernels.block_histograms(symbols, counts, n_levels)
+    total = hists.sum(axis=0)
+    blocks = [symbols[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
     if mode == "fixed":
         bits = quant.fixed_bits(n_levels)
-        packed = [
-            quant.pack_fixed(symbols[bounds[i] : bounds[i + 1]], bits) for i in range(len(counts))
-        ]
-        return CodedBlocks(packed, ["fixed"] * len(counts), None)
+        packed = [quant.pack_fixed(blk, bits) for blk in blocks]
+        return CodedBlocks(packed, ["fixed"] * len(counts), None, total)
+    zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    width = "<u2" if symbol_width(n_levels) == 2 else np.uint8
     zstd_payloads: list[bytes | None] = [None] * len(counts)
     if entropy in ("auto", "zstd"):
-        zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-        wide = symbols.astype("<u2") if symbol_width(n_levels) == 2 else symbols.astype(np.uint8)
-        zstd_payloads = [
-            zc.compress(wide[bounds[i] : bounds[i + 1]].tobytes()) for i in range(len(counts))
-        ]
+        zstd_payloads = [zc.compress(blk.astype(width, copy=False).data) for blk in blocks]
         if entropy == "zstd":
             return CodedBlocks(
-                [p for p in zstd_payloads if p is not None], ["zstd"] * len(counts), None
+                [p for p in zstd_payloads if p is not None], ["zstd"] * len(counts), None, total
             )
     if lengths is None and symbols.size:
-        lengths = huffman.code_lengths(np.bincount(symbols, minlength=n_levels))
+        lengths = huffman.code_lengths(total)
+    use_huff = np.zeros(len(counts), dtype=bool)
+    if lengths is not None:
+        codable = hists[:, lengths == 0].sum(axis=1) == 0
+        use_huff = codable & (counts > 0)
+        if entropy == "auto":
+            huff_size = huffman.payload_bytes(hists, lengths)
+            zstd_size = np.array([len(z) if z is not None else 0 for z in zstd_payloads])
+            use_huff &= huff_size <= zstd_size
     payloads: list[bytes] = []
     coders: list[str] = []
-    codable = np.ones(len(counts), dtype=bool)
-    if lengths is not None and symbols.size:
-        ok = lengths[symbols] > 0
-        bad_blocks = np.bincount(
-            np.repeat(np.arange(len(counts)), counts), weights=~ok, minlength=len(counts)
-        )
-        codable = bad_blocks == 0
-    huff_idx = np.flatnonzero(codable & (np.asarray(counts) > 0))
-    huff: dict[int, bytes] = {}
+    huff_idx = np.flatnonzero(use_huff)
+    huff: list[bytes] = []
     if len(huff_idx) and lengths is not None:
-        sel = np.concatenate([symbols[bounds[i] : bounds[i + 1]] for i in huff_idx])
-        coded = huffman.encode_blocks(sel, np.asarray(counts)[huff_idx], lengths)
-        huff = dict(zip(huff_idx.tolist(), coded, strict=True))
-    zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        sel = (
+            symbols
+            if len(huff_idx) == len(counts)
+            else np.concatenate([blocks[i] for i in huff_idx])
+        )
+        huff = huffman.encode_blocks(sel, counts[huff_idx], lengths)
+    next_huff = iter(huff)
     for i in range(len(counts)):
-        z = zstd_payloads[i]
-        h = huff.get(i)
-        if h is not None and (z is None or len(h) <= len(z)):
-            payloads.append(h)
+        if use_huff[i]:
+            payloads.append(next(next_huff))
             coders.append("huffman")
             continue
-        if z is None:
-            width = "<u2" if symbol_width(n_levels) == 2 else np.uint8
-            z = zc.compress(symbols[bounds[i] : bounds[i + 1]].astype(width).tobytes())
-        payloads.append(z)
+        z = zstd_payloads[i]
+        payloads.append(
+            z if z is not None else zc.compress(blocks[i].astype(width, copy=False).data)
+        )
         coders.append("zstd")
     used = lengths if "huffman" in coders else None
-    return CodedBlocks(payloads, coders, used)
+    return CodedBlocks(payloads, coders, used, total)
 
 
 def check_symbol_block(

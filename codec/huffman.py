@@ -1,10 +1,10 @@
-"""Length-limited canonical Huffman coding, vectorised with numpy.
+"""Length-limited canonical Huffman coding; the per-symbol loops are numba kernels (kernels.py).
 
 A codebook is its code lengths (0 = symbol has no code), at most MAX_BITS bits. Codes are
 canonical: sorted by (length, symbol), consecutive integers, MSB first. A block's payload is a
 lane table (uint16 LE bit length of each lane of LANE_SYMBOLS symbols) followed by the lanes'
-bits back to back, zero-padded to a byte. Lanes decode independently, which is what lets the
-decoder walk all lanes of many blocks in lock step with numpy instead of a loop per symbol.
+bits back to back, zero-padded to a byte. Lanes decode independently (any lane can start from
+the table alone) and the table lets a decoder check every lane ends exactly where it should.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import heapq
 from collections.abc import Sequence
 
 import numpy as np
+
+from kvpack.codec import kernels
 
 MAX_BITS = 16
 LANE_SYMBOLS = 1024
@@ -119,56 +121,47 @@ def decode_table(lengths: np.ndarray) -> np.ndarray:
     return table
 
 
+def _as_symbols(symbols: np.ndarray) -> np.ndarray:
+    """1-D contiguous uint8/uint16 view or copy of non-negative integer symbols < 2^16."""
+    symbols = np.ascontiguousarray(symbols).reshape(-1)
+    if symbols.dtype in (np.uint8, np.uint16):
+        return symbols
+    if symbols.size and (int(symbols.min()) < 0 or int(symbols.max()) > 0xFFFF):
+        raise HuffmanError("symbols must lie in [0, 2^16)")
+    return symbols.astype(np.uint16)
+
+
 def encode_blocks(symbols: np.ndarray, counts: np.ndarray, lengths: np.ndarray) -> list[bytes]:
     """Encode consecutive blocks of `symbols` (1-D ints; block i holds counts[i] symbols).
 
-    Every symbol must have a code (lengths[s] > 0). Returns one payload per block.
+    Every symbol must have a code (lengths[s] > 0), else HuffmanError. Returns one payload per
+    block; its size is exactly `payload_bytes` of the block's symbol histogram.
     """
     counts = np.asarray(counts, dtype=np.int64)
-    if symbols.size == 0:
-        return [b"" for _ in counts]
-    lens = lengths.astype(np.int64)[symbols]
-    codes = canonical_codes(lengths).astype(np.uint64)[symbols]
-    lane_size = LANE_SYMBOLS
-    if not np.any(counts % 2):
-        # Profiled hot spot: every later step is a full pass over the codes. Merging adjacent
-        # pairs into one code of <= 32 bits halves them (blocks and lanes hold even counts, so
-        # no pair straddles a lane); the bit stream is identical.
-        codes = (codes[0::2] << lens[1::2].astype(np.uint64)) | codes[1::2]
-        lens = lens[0::2] + lens[1::2]
-        counts = counts // 2
-        lane_size //= 2
-    first = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    nlanes = -(-counts // lane_size)
-    lane_first = np.concatenate(([0], np.cumsum(nlanes)[:-1]))
-    block_of = np.repeat(np.arange(len(counts)), counts)
-    in_block = np.arange(len(lens)) - first[block_of]
-    lane = lane_first[block_of] + in_block // lane_size
-    lane_bits = np.bincount(lane, weights=lens, minlength=int(nlanes.sum())).astype(np.int64)
-    block_bits = np.bincount(block_of, weights=lens, minlength=len(counts)).astype(np.int64)
-    bit_base = np.concatenate(([0], np.cumsum(block_bits)[:-1]))
-    block_bytes = (block_bits + 7) // 8
-    byte_start = np.concatenate(([0], np.cumsum(block_bytes)[:-1]))
-    # Bit position of each code in one stream of all blocks, each block starting on a byte.
-    before = np.cumsum(lens) - lens
-    pos = (before - bit_base[block_of] + 8 * byte_start[block_of]).astype(np.uint64)
-    # Codes are <= 32 bits, so one lands in at most two 32-bit words; codes never overlap, so a
-    # weighted bincount (exact in float64 below 2^53) is an OR.
-    shift = np.uint64(64) - (pos & np.uint64(31)) - lens.astype(np.uint64)
-    val = codes << shift
-    word = (pos >> np.uint64(5)).astype(np.int64)
-    nwords = int(block_bytes.sum()) // 4 + 2
-    hi = np.bincount(word, weights=(val >> np.uint64(32)).astype(np.float64), minlength=nwords)
-    lo = np.bincount(
-        word + 1, weights=(val & np.uint64(0xFFFFFFFF)).astype(np.float64), minlength=nwords
-    )
-    stream = (hi + lo).astype(">u4").tobytes()
-    out = []
-    lb = lane_bits.astype("<u2")
-    for i in range(len(counts)):
-        table = lb[lane_first[i] : lane_first[i] + nlanes[i]].tobytes()
-        out.append(table + stream[byte_start[i] : byte_start[i] + block_bytes[i]])
-    return out
+    symbols = _as_symbols(symbols)
+    if symbols.size != int(counts.sum()):
+        raise ValueError(f"{symbols.size} symbols, block counts add up to {int(counts.sum())}")
+    # Tables span the whole symbol dtype, so a symbol beyond the codebook reads length 0 (an
+    # error) instead of indexing past the table.
+    table = np.zeros(1 << (8 * symbols.itemsize), dtype=np.int64)
+    table[: len(lengths)] = (canonical_codes(lengths).astype(np.int64) << 5) | lengths
+    nlanes = -(-counts // LANE_SYMBOLS)
+    room = 2 * nlanes + 2 * counts  # lane table + at most 16 bits per symbol
+    starts = np.concatenate(([0], np.cumsum(room)[:-1])).astype(np.int64)
+    out = np.empty(int(room.sum()), dtype=np.uint8)
+    sizes = kernels.huffman_encode(symbols, counts, table, LANE_SYMBOLS, out, starts)
+    if len(sizes) and sizes[0] < 0:
+        raise HuffmanError("a symbol has no code in this codebook")
+    return [out[a : a + n].tobytes() for a, n in zip(starts.tolist(), sizes.tolist(), strict=True)]
+
+
+def payload_bytes(histograms: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Exact encode_blocks payload size in bytes (int64 [nb]) of blocks with symbol histograms
+    [nb, A] under code lengths [A]: the lane table plus the codes' bits rounded up to a byte."""
+    hist = np.asarray(histograms, dtype=np.int64)
+    count = hist.sum(axis=1)
+    bits = hist @ np.asarray(lengths, dtype=np.int64)
+    return 2 * (-(-count // LANE_SYMBOLS)) + (bits + 7) // 8
 
 
 def split_payload(payload: bytes | memoryview, count: int) -> tuple[np.ndarray, int]:
@@ -196,44 +189,32 @@ def decode_blocks(
 ) -> np.ndarray:
     """Decode blocks encoded by encode_blocks; returns all symbols (uint16) concatenated.
 
-    All lanes of all blocks advance together: one numpy step decodes one symbol in every lane.
-    HuffmanError if any lane holds an invalid code or does not end exactly at its stored length.
+    One compiled pass over all lanes of all blocks (up to three codes per table lookup).
+    HuffmanError if a lane table or stream length is inconsistent, any lane holds an invalid
+    code, or a lane does not end exactly at its stored bit length.
     """
-    if sum(counts) == 0:
+    total = sum(counts)
+    if total == 0:
         return np.zeros(0, dtype=np.uint16)
     table = decode_table(lengths)
-    lane_bits_all, streams, lane_syms = [], [], []
-    for payload, count in zip(payloads, counts, strict=True):
-        lane_bits, _ = split_payload(payload, count)
-        nlanes = len(lane_bits)
-        lane_bits_all.append(lane_bits)
-        streams.append(bytes(payload[2 * nlanes :]))
-        per_lane = np.full(nlanes, LANE_SYMBOLS, dtype=np.int64)
-        if nlanes:
-            per_lane[-1] = count - LANE_SYMBOLS * (nlanes - 1)
-        lane_syms.append(per_lane)
-    bits = np.concatenate(lane_bits_all)
-    syms = np.concatenate(lane_syms)
-    stream_start = np.repeat(
-        8 * np.concatenate(([0], np.cumsum([len(s) for s in streams])[:-1])),
-        [len(b) for b in lane_bits_all],
+    sizes = [len(p) for p in payloads]
+    offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    # A corrupt lane may run up to LANE_SYMBOLS * MAX_BITS bits past its end before the
+    # end-of-lane check catches it: pad so those reads stay inside the buffer.
+    pad = bytes(LANE_SYMBOLS * MAX_BITS // 8 + 8)
+    buf = np.frombuffer(b"".join([*payloads, pad]), dtype=np.uint8)
+    out = np.empty(total, dtype=np.uint16)
+    bad = kernels.huffman_decode(
+        buf,
+        offsets,
+        np.asarray(counts, dtype=np.int64),
+        table,
+        kernels.multi_table(table, MAX_BITS),
+        LANE_SYMBOLS,
+        MAX_BITS,
+        out,
     )
-    within = np.concatenate([np.cumsum(b) - b for b in lane_bits_all])
-    pos = stream_start + within
-    # Lanes may run past their end (short last lanes, corrupt data): pad so every peek is in range.
-    buf = np.frombuffer(b"".join(streams) + bytes(4 + 2 * LANE_SYMBOLS), dtype=np.uint8)
-    wide = buf.astype(np.uint32)
-    peek = (wide[:-3] << 24) | (wide[1:-2] << 16) | (wide[2:-1] << 8) | wide[3:]
-    steps = int(syms.max())
-    out = np.empty((len(bits), steps), dtype=np.uint32)
-    for t in range(steps):
-        entry = table[(peek[pos >> 3] >> (16 - (pos & 7))) & 0xFFFF]
-        out[:, t] = entry
-        pos += entry >> 16
-    valid = np.arange(steps) < syms[:, None]
-    entries = out[valid]
-    lane_of = np.repeat(np.arange(len(bits)), syms)
-    used = np.bincount(lane_of, weights=entries >> 16, minlength=len(bits)).astype(np.int64)
-    if np.any(entries >> 16 == 0) or not np.array_equal(used, bits):
-        raise HuffmanError("invalid code or lane length mismatch in Huffman stream")
-    return (entries & 0xFFFF).astype(np.uint16)
+    if bad >= 0:
+        split_payload(payloads[bad], counts[bad])  # raises the specific framing error, if any
+        raise HuffmanError(f"block {bad}: invalid code or lane length mismatch in Huffman stream")
+    return out

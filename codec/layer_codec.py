@@ -182,7 +182,8 @@ def encode_stream(
     mn_np = mn.cpu().numpy().astype("<f4")
     step_np = step.cpu().numpy().astype("<f4")
     live = step_np != 0
-    symbols = q_np[live].reshape(-1)
+    # Constant groups carry no symbols; usually there are none, and then no masked copy is made.
+    symbols = q_np.reshape(-1) if live.all() else q_np[live].reshape(-1)
     counts = live.sum(axis=1) * q_np.shape[-1]
     lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
     coded = entropy.encode_symbol_blocks(
@@ -204,7 +205,7 @@ def encode_stream(
         sq_norm,
         int(symbols.size),
         coded_bits,
-        entropy.shannon_bits(symbols, n_levels),
+        entropy.histogram_bits(coded.histogram),
     )
 
 

@@ -13,6 +13,8 @@ import math
 import numpy as np
 import torch
 
+from kvpack.codec import kernels
+
 # Smallest normal fp32: a step below it would lose relative precision (subnormal), which would
 # break the bound; such groups span < 2^-126/eb and are still reconstructed within step/2.
 MIN_STEP = 2.0**-126
@@ -112,14 +114,11 @@ def dequantize(
 
 
 def pack_fixed(symbols: np.ndarray, bits: int) -> bytes:
-    """Bit-pack non-negative integer symbols (1-D) with `bits` bits each, MSB first."""
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.uint16)
-    planes = (symbols.astype(np.uint16)[:, None] >> shifts) & 1
-    return np.packbits(planes.astype(np.uint8).reshape(-1)).tobytes()
+    """Bit-pack non-negative integer symbols (1-D, each < 2^bits) with `bits` (<= 16) bits each,
+    MSB first, zero-padded to a byte."""
+    return kernels.pack_fixed(np.ascontiguousarray(symbols).reshape(-1), bits).tobytes()
 
 
 def unpack_fixed(data: bytes | memoryview, count: int, bits: int) -> np.ndarray:
-    """Inverse of pack_fixed: `count` symbols (uint16) from exactly ceil(count*bits/8) bytes."""
-    raw = np.unpackbits(np.frombuffer(data, dtype=np.uint8), count=count * bits)
-    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint16)
-    return (raw.reshape(count, bits).astype(np.uint16) * weights).sum(axis=1, dtype=np.uint16)
+    """Inverse of pack_fixed: `count` symbols (uint16 [count]) from ceil(count*bits/8) bytes."""
+    return kernels.unpack_fixed(np.frombuffer(data, dtype=np.uint8), count, bits)
