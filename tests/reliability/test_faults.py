@@ -15,10 +15,10 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from conftest import RedisProcess
 from deploy_support import Servers
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from reliability_support import RedisProcess
 from server_support import fetch, make_cache, put_requests
 from test_quant import check_bound
 

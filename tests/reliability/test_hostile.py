@@ -19,6 +19,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reliability_support import ServerThread
 from server_support import aiter_of, fetch, header, make_cache, put_requests, tensor_requests
 
 from kvpack import codec, wire
@@ -435,8 +436,6 @@ async def test_oversized_message_is_refused(target: Target) -> None:
 @pytest.fixture(scope="module")
 def threaded(request: pytest.FixtureRequest) -> Iterator[tuple[Any, Any, bytes]]:
     """(server thread, sync stub, small real container) shared by the damage tests."""
-    from conftest import ServerThread
-
     running = ServerThread()
     channel = grpc.insecure_channel(running.address)
     stub = pb_grpc.KVPackStub(channel)
