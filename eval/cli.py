@@ -4,8 +4,9 @@ Example (the reference model, every default policy/ratio/mode, in-process codec)
 
     kvpack eval --model reference --length 1024 --samples 20 --out eval-out
 
-Writes ``results.json`` and ``results.csv`` (one row per task x point, plus task ``all``, the
-average over task families), ``accuracy_vs_ratio.png`` and ``accuracy_vs_bytes.png``.
+Writes ``results.json``, ``results.csv`` (one row per task x point, plus task ``all``, the
+average over task families), ``results.md`` (tables and the issue #8 targets),
+``accuracy_vs_ratio.png`` and ``accuracy_vs_bytes.png``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,15 @@ from kvpack.eval.tasks import FAMILIES
 
 DEFAULT_POLICIES = "kvcompose,kvcompose_uniform,snapkv,tova,pyramidkv,streaming"
 DEFAULT_RATIOS = "0.5,0.75,0.875,0.9375"
-DEFAULT_QUANTS = ["eb=K:0.02,V:0.04", "eb=K:0.05,V:0.1", "eb=K:0.1,V:0.2", "eb=K:0.2,V:0.4"]
+# No full-precision windows: the question is not part of the compressed context, and windows of
+# 128/256 tokens would hold a third of a 1k-token cache in fp16. block=32 keeps short composite
+# layers (high eviction ratios) quantised instead of falling back to the full-precision tail.
+DEFAULT_QUANTS = [
+    "eb=K:0.05,V:0.1,kwin=0,vwin=0",
+    "eb=K:0.1,V:0.2,kwin=0,vwin=0",
+    "eb=K:0.1,V:0.2,kwin=0,vwin=0,block=32",
+    "eb=K:0.2,V:0.4,kwin=0,vwin=0,block=32",
+]
 DEFAULT_MODES = "evict,lossy,fixed,evict+lossy"
 # --quant item name -> QuantSettings field
 _QUANT_NAMES = {
@@ -200,10 +209,21 @@ def run(args: argparse.Namespace) -> int:
     }
     report.write_json(args.out / "results.json", rows, meta)
     report.write_csv(args.out / "results.csv", rows)
-    print("\nAccuracy (%) by eviction policy and token ratio, average over task families:")
-    print(report.eviction_table(rows))
-    print("\nEvery point (average over task families):")
-    print(report.bytes_table(rows))
+    high = max((r for r in args.ratios if r <= 0.875), default=args.ratios[-1])
+    markdown = "\n\n".join(
+        [
+            "Accuracy (%) by eviction policy and token ratio, average over task families:",
+            report.eviction_table(rows),
+            f"Accuracy (%) per task family at ratio {high:g} (eviction only):",
+            report.family_table(rows, high),
+            "Every point (average over task families; ± = binomial standard error):",
+            report.bytes_table(rows),
+            "Targets:",
+            report.headline(rows),
+        ]
+    )
+    (args.out / "results.md").write_text(markdown + "\n")
+    print("\n" + markdown)
     if not args.no_plots:
         from kvpack.eval import plots
 

@@ -157,3 +157,45 @@ def write_csv(path: Path, rows: list[Row]) -> None:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(asdict(r) for r in rows)
+
+
+def headline(rows: list[Row], reference: str = "kvcompose") -> str:
+    """Markdown bullets: the issue #8 targets measured on these rows (average over tasks).
+
+    - ``reference`` against every other eviction policy at ratios >= 0.75 (mean difference);
+    - the largest evict+lossy compression vs fp16 within 5 % relative accuracy loss;
+    - lossy vs fixed-width compression at every setting with >= 0.97 normalised accuracy.
+    """
+    avg = [r for r in rows if r.task == ALL]
+    base = next((r.accuracy for r in avg if r.mode == "baseline"), 0.0)
+    evict = {(r.policy, r.ratio): r.accuracy for r in avg if r.mode == "evict"}
+    lines = [f"- uncompressed accuracy: {100 * base:.1f} %"]
+    high = sorted({ratio for (_, ratio) in evict if ratio >= 0.75})
+    for policy in dict.fromkeys(p for (p, _) in evict):
+        if policy == reference or not all((reference, x) in evict for x in high):
+            continue
+        diffs = [(x, evict[reference, x] - evict[policy, x]) for x in high if (policy, x) in evict]
+        if diffs:
+            cells = ", ".join(f"{x:g}: {100 * d:+.1f}" for x, d in diffs)
+            mean = 100 * sum(d for _, d in diffs) / len(diffs)
+            lines.append(
+                f"- {reference} - {policy} at ratios >= 0.75: mean {mean:+.1f} points ({cells})"
+            )
+    ok = [r for r in avg if r.mode == "evict+lossy" and base and r.accuracy >= 0.95 * base]
+    if ok:
+        best = max(ok, key=lambda r: r.x_ratio)
+        lines.append(
+            f"- evict+lossy within 5 % relative loss: best {best.x_ratio:.1f}x vs fp16 "
+            f"({best.policy} {best.ratio:g}, {best.eb}, accuracy {100 * best.accuracy:.1f} %)"
+        )
+    elif any(r.mode == "evict+lossy" for r in avg):
+        lines.append("- evict+lossy: no point within 5 % relative loss")
+    fixed = {r.eb: r for r in avg if r.mode == "fixed"}
+    for r in avg:
+        if r.mode == "lossy" and r.eb in fixed:
+            norm = r.accuracy / base if base else 0.0
+            lines.append(
+                f"- lossy {r.eb}: {r.x_ratio:.2f}x vs fixed-width {fixed[r.eb].x_ratio:.2f}x = "
+                f"{r.x_ratio / fixed[r.eb].x_ratio:.2f}x, normalised accuracy {norm:.3f}"
+            )
+    return "\n".join(lines)
