@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import dataclasses
 import importlib.util
 import json
 import threading
@@ -20,8 +21,9 @@ pytest.importorskip("transformers")
 
 from kvpack.cli import main
 from kvpack.eval.cli import parse_quant
-from kvpack.eval.runner import token_map
-from kvpack.eval.tasks import VOCAB_SIZE
+from kvpack.eval.runner import EvalConfig, token_map
+from kvpack.eval.runner import run_eval as run_points
+from kvpack.eval.tasks import VOCAB_SIZE, make_examples
 
 # Small enough for ~10 s per run on two shared CPU cores; every mode and a ragged composite.
 # Length 165 leaves a 160-token context (question: 5 tokens), so every ratio gives whole per-layer
@@ -163,3 +165,31 @@ def test_token_map_for_foreign_vocabularies() -> None:
     assert np.array_equal(mapping, token_map(32000, [1, 2, 0]))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="smaller"):
         token_map(300)
+
+
+def test_uncompressed_baseline_answers_like_the_plain_model() -> None:
+    """Split prompt, fp16 container, question as a multi-token forward at positions n.. : the
+    baseline point generates what plain greedy decoding of the whole prompt generates."""
+    from kvpack.client import LocalKVPack
+    from kvpack.eval.accuracy import greedy_generate
+    from kvpack.eval.model import reference_model, reference_model_path
+
+    if not (reference_model_path() / "model.safetensors").exists():
+        pytest.skip("reference weights not in eval/reference yet (a random model's argmax flips)")
+    torch.set_num_threads(2)
+    model = reference_model()
+    examples = make_examples("multikey", 256, 4, seed=7) + make_examples("cwe", 256, 4, seed=7)
+    # The plain model's own greedy answers, right or wrong, become the expected answers.
+    own = [
+        dataclasses.replace(
+            ex, answer=greedy_generate(model, torch.tensor([ex.prompt]), len(ex.answer))[0].tolist()
+        )
+        for ex in examples
+    ]
+    config = EvalConfig(
+        tasks=["multikey", "cwe"], length=256, samples=4, policies=["kvcompose"], ratios=[0.5],
+        quants=[], modes=[], combo_policies=[],
+    )  # fmt: skip
+    results = run_points(model, LocalKVPack(), config, {"own": own})
+    assert [r.spec.mode for r in results] == ["baseline"] * len(own)
+    assert all(r.correct for r in results)
