@@ -4,7 +4,7 @@ Each kernel is one pass over the symbols in compiled code. The numpy formulation
 needed ~20 whole-array passes per symbol (Huffman encode) or one numpy call per symbol position
 (lock-step lane decoding). Kernels release the GIL (the server encodes in a thread pool) and are
 cached on disk next to this module; where no cache directory is writable they compile once per
-process instead (a few seconds on first use; `warm_up` does it up front).
+process instead (seconds on first use; `warm_up` does it up front).
 
 Integers are int64 throughout the kernels: numba turns mixed uint64/int64 arithmetic into
 float64, which would silently lose bits.
@@ -291,3 +291,17 @@ def unpack_fixed(data: np.ndarray, count: int, bits: int) -> np.ndarray:
         nbits -= bits
         out[i] = (acc >> nbits) & mask
     return out
+
+
+def warm_up() -> None:
+    """Compile (or load from the cache) every kernel for the argument types the codec uses, so
+    the first request does not pay the JIT time (seconds when no cache is available)."""
+    from kvpack.codec import huffman  # imports this module, so not at the top
+
+    for dtype in (np.uint8, np.uint16):
+        syms = np.array([0, 1, 1, 2], dtype=dtype)
+        counts = np.array([4], dtype=np.int64)
+        lengths = huffman.code_lengths(block_histograms(syms, counts, 3)[0])
+        payloads = huffman.encode_blocks(syms, counts, lengths)
+        huffman.decode_blocks(payloads, [4], lengths)
+        unpack_fixed(pack_fixed(syms, 2), 4, 2)

@@ -77,3 +77,21 @@ def test_block_histograms() -> None:
     assert hists.tolist() == [[1, 1, 0], [0, 1, 3]]
     with pytest.raises(ValueError):
         kernels.block_histograms(syms, np.array([6], dtype=np.int64), 2)
+
+
+def test_kernels_compile_without_a_cache_location(monkeypatch: pytest.MonkeyPatch) -> None:
+    """numba refuses cache=True where no cache directory is writable; we compile in memory."""
+    from numba.core import caching
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])
+
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    fn = kernels._kernel(add)
+    assert fn(2, 3) == 5
+    assert isinstance(fn._cache, caching.NullCache)  # type: ignore[attr-defined]
+
+
+def test_warm_up_runs() -> None:
+    kernels.warm_up()
