@@ -172,10 +172,10 @@ def encode_stream(
         return _StreamOut(blocks, window, None, 0.0, 0.0, sq_norm, 0, 0, 0.0)
     eb = _error_bound(kind, settings)
     n_levels = quant.levels(eb)
-    groups = _group(kind, enc, settings)
+    groups = _group(kind, enc, settings).to(torch.float32)  # once, for quantize and the errors
     q, mn, step = quant.quantize(groups, eb)
     recon = quant.dequantize(q, mn, step, x.dtype).to(torch.float32)
-    diff = recon - groups.to(torch.float32)
+    diff = recon - groups
     max_err = float(diff.abs().max()) if diff.numel() else 0.0
     sq_err = float(diff.square().sum())
     q_np = q.cpu().numpy().view(np.uint16) if q.dtype == torch.int16 else q.cpu().numpy()
@@ -369,8 +369,13 @@ def decode_stream(
         [c for c, _ in blocks], [p[8 * g :] for _, p in blocks], counts, n_levels, lengths
     )
     sym_dtype = quant.symbol_dtype(n_levels)
-    q = np.zeros((nb, g, m), dtype=np.uint8 if sym_dtype == torch.uint8 else np.int16)
-    q[step != 0] = np.concatenate(syms).astype(q.dtype).reshape(-1, m)
+    q_dtype = np.uint8 if sym_dtype == torch.uint8 else np.int16
+    live = step != 0
+    if live.all():  # no constant groups: the symbols are q as they are
+        q = np.concatenate(syms).astype(q_dtype).reshape(nb, g, m)
+    else:
+        q = np.zeros((nb, g, m), dtype=q_dtype)
+        q[live] = np.concatenate(syms).astype(q_dtype).reshape(-1, m)
     x = quant.dequantize(
         torch.from_numpy(q).to(device or "cpu"),
         torch.from_numpy(mn.copy()).to(device or "cpu"),
