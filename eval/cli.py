@@ -92,7 +92,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--length", type=int, default=1024, help="prompt tokens per example")
     parser.add_argument("--samples", type=int, default=20, help="examples per task family")
-    parser.add_argument("--policies", type=_csv(str), default=_csv(str)(DEFAULT_POLICIES))
+    parser.add_argument(
+        "--policies",
+        type=_csv(str),
+        default=_csv(str)(DEFAULT_POLICIES),
+        help=f"eviction policies, comma list (default {DEFAULT_POLICIES})",
+    )
     parser.add_argument(
         "--ratios",
         type=_csv(float),
@@ -131,10 +136,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="compress through this kvpack server (default in-process)",
     )
     parser.add_argument("--token", default=None, help="bearer token for --server")
-    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=1234, help="task generator seed")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--out", type=Path, default=Path("kvpack-eval"))
+    parser.add_argument("--out", type=Path, default=Path("kvpack-eval"), help="output folder")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
