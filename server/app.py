@@ -22,6 +22,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from kvpack import codec
+from kvpack.codec import kernels
 from kvpack.errors import InvalidArgument, KVPackError
 from kvpack.options import server_options
 from kvpack.server.auth import Authenticator, AuthInterceptor, load_tokens
@@ -118,6 +119,9 @@ class KVPackServer:
             self.port = server.add_insecure_port(address)
         else:
             self.port = server.add_secure_port(address, creds)
+        # JIT-compile (or load cached) codec kernels before SERVING, off the event loop, so the
+        # first request does not pay seconds of compile time.
+        await asyncio.get_running_loop().run_in_executor(self.executor, kernels.warm_up)
         await server.start()
         self._server = server
         if self.config.metrics_port:
