@@ -64,7 +64,10 @@ def source_state() -> str:
     changed = sorted(line[3:] for line in dirty if line.strip())
     if not head:
         return "unknown"
-    return f"{head} + uncommitted changes to {', '.join(changed)}" if changed else head
+    if not changed:
+        return head
+    shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    return f"{head} + uncommitted changes to {shown}"
 
 
 def describe(device: str) -> dict[str, Any]:
