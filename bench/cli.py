@@ -39,8 +39,14 @@ FULL_LAYERS = 32
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Shape and eviction options come from bench/eviction.py; defaults scaled to fit."""
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     eviction.configure(parser)
     parser.set_defaults(layers=2, seq=4096, repeats=3)
+    parser.epilog = (
+        "defaults: --layers 2 --kv-heads 8 --q-heads 32 --head-dim 128 --seq 4096 --dtype fp16 "
+        "--ratio 0.75 --repeats 3 --threads 1 --workers 2 --conc-seq 512 --requests 4"
+    )
     parser.add_argument(
         "--only",
         default=",".join(SECTIONS),
