@@ -4,8 +4,10 @@ other's entries).
 Each entry is one Redis hash ``{prefix}e:{key}`` with fields ``meta`` (JSON) and ``data``
 (container bytes), written in one MULTI/EXEC transaction (DEL, HSET, optional EXPIRE) so readers
 see either nothing or the whole entry. Reads verify the container's sha256 (DATA_LOSS on a
-mismatch). Connection problems fail fast (short socket timeouts, no client-side retries) as
-UNAVAILABLE naming the Redis address; the connection pool reconnects by itself once Redis is back.
+mismatch). Connection problems fail fast (short connect timeout, one immediate retry on a fresh
+connection) as UNAVAILABLE naming the Redis address; the pool reconnects by itself once Redis is
+back, and the retry keeps a pooled connection that went stale during an outage from failing the
+first request after it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import AsyncIterator
 
 import redis.asyncio as aredis
 from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from kvpack.errors import DataLoss, NotFound, Unavailable
 from kvpack.server.stores.base import Entry, EntryMeta, Store, Usage
@@ -40,7 +44,10 @@ class RedisStore(Store):
             url,
             socket_connect_timeout=CONNECT_TIMEOUT_S,
             socket_timeout=SOCKET_TIMEOUT_S,
-            retry=None,
+            # One immediate retry on a connection error only: a stale pooled socket is replaced
+            # transparently, while a refused connection still fails within CONNECT_TIMEOUT_S.
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[rexc.ConnectionError],
             retry_on_timeout=False,
             health_check_interval=30,
         )

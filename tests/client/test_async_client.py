@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 import torch
-from conftest import ServerThread, make_cache
 
 from kvpack import codec, errors
 from kvpack.client import AsyncKVPackClient
+from tests.client.client_support import ServerThread, make_cache
 
 
 async def test_methods_and_errors(server: ServerThread) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ServerThread, make_cache
 from safetensors.torch import load_file, save_file
 
 from kvpack import codec
 from kvpack.client import cli
+from tests.client.client_support import ServerThread, make_cache
 
 
 def kvpack(*argv: str) -> int:

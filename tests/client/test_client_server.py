@@ -10,13 +10,13 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from conftest import ServerThread, make_cache
 
 from kvpack import codec, errors
 from kvpack.client import KVPackClient, LocalKVPack, messages
 from kvpack.client.channel import CallPolicy
 from kvpack.options import channel_options
 from kvpack.v1 import kvpack_pb2_grpc
+from tests.client.client_support import ServerThread, make_cache
 
 # Quantise every token: the defaults keep the newest 128/256 tokens and partial blocks exact.
 LOSSY = {"k_window": 0, "v_window": 0, "block_tokens": 16}

@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ServerThread
 
 from kvpack.client import KVPackClient, LocalKVPack
 from kvpack.client.hf import (
@@ -15,6 +14,7 @@ from kvpack.client.hf import (
     generate_from,
     tensors_to_cache,
 )
+from tests.client.client_support import ServerThread
 
 QUESTION = torch.tensor([[7, 8, 9, 10]])
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_quant import check_bound
 
 from kvpack.codec import QuantSettings, decode, encode, tensor_to_bytes, verify
+from tests.codec.test_quant import check_bound
 
 HERE = Path(__file__).parent / "golden"
 CASES: dict[str, tuple[str, QuantSettings]] = {

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_support import (
+
+from tests.deploy.deploy_support import (
     ALERTS,
     ALERTS_TEST,
     COMPOSE,

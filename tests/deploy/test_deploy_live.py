@@ -26,7 +26,12 @@ import grpc
 import pytest
 import redis
 import torch
-from deploy_support import (  # promtool_fixture provides the `promtool` fixture
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvpack import codec, wire
+from kvpack.v1 import kvpack_pb2 as pb
+from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests.deploy.deploy_support import (  # promtool_fixture provides the `promtool` fixture
     HEALTHCHECK,
     PROMETHEUS_SYNTHETIC,
     Served,
@@ -39,11 +44,6 @@ from deploy_support import (  # promtool_fixture provides the `promtool` fixture
     promtool_path,
     rule_expressions,
 )
-from prometheus_client.parser import text_string_to_metric_families
-
-from kvpack import codec, wire
-from kvpack.v1 import kvpack_pb2 as pb
-from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TIMEOUT = 30.0

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from deploy_support import (  # promtool_fixture provides the `promtool` fixture
+
+from tests.deploy.deploy_support import (  # promtool_fixture provides the `promtool` fixture
     ALERTS,
     ALERTS_TEST,
     K8S,

@@ -1,50 +1,21 @@
-"""Helpers of the reliability and security suite (issue #11), importable by a unique name.
+"""Helpers of the reliability and security suite (issue #11).
 
-Puts the other suites' helper folders on ``sys.path`` (``tests/server``, ``tests/deploy``,
-``tests/codec``) so their modules are reused rather than copied, loads the server and client
-suites' conftest modules under names of their own (``from conftest import ...`` depends on which
-conftest pytest imported last), and runs a private ``redis-server``.
+Reuses the other suites' helpers by their package names (tests.server, tests.client,
+tests.deploy) rather than copying them, and runs a private ``redis-server``.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-TESTS = Path(__file__).resolve().parents[1]
-for _sub in ("server", "deploy", "codec"):
-    if str(TESTS / _sub) not in sys.path:
-        sys.path.insert(0, str(TESTS / _sub))
+from tests.client.client_support import ServerThread
 
-
-def load_module(name: str, path: Path) -> Any:
-    """Import the file ``path`` as module ``name`` (once; later calls return the same module)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-#: tests/server/conftest.py: in-process server fixtures (start_server, channels, redis_prefix).
-server_fixtures = load_module(
-    "kvpack_reliability_server_fixtures", TESTS / "server" / "conftest.py"
-)
-#: tests/client/conftest.py: ServerThread, a server on its own loop in a background thread.
-client_fixtures = load_module(
-    "kvpack_reliability_client_fixtures", TESTS / "client" / "conftest.py"
-)
-ServerThread = client_fixtures.ServerThread
+__all__ = ["RedisProcess", "ServerThread"]
 
 
 class RedisProcess:

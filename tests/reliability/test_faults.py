@@ -9,18 +9,15 @@ import os
 import signal
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import torch
-from deploy_support import Servers
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from reliability_support import RedisProcess
-from server_support import fetch, make_cache, put_requests
-from test_quant import check_bound
 
 from kvpack import codec, errors
 from kvpack.client import AsyncKVPackClient, CompressResult
@@ -28,6 +25,16 @@ from kvpack.codec import QuantSettings
 from kvpack.server.compress import CompressSession
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests.codec.test_quant import check_bound
+from tests.deploy.deploy_support import Servers
+from tests.reliability.reliability_support import RedisProcess
+from tests.server.server_support import (
+    compress_requests,
+    fetch,
+    header,
+    make_cache,
+    put_requests,
+)
 
 QUANT = QuantSettings(k_window=16, v_window=16, block_tokens=32)
 SMALL: dict[str, Any] = {"layers": 3, "hkv": 2, "hq": 4, "n": 128, "d": 32}
@@ -306,26 +313,58 @@ def live_sessions() -> int:
     return sum(type(o) is CompressSession for o in gc.get_objects())
 
 
-async def test_deadline_expiry_abandons_compress(start_server: Any) -> None:
+async def test_deadline_expiry_abandons_compress(start_server: Any, channels: Any) -> None:
     server = await start_server()
     scores, keys, values = make_cache(**LARGE, seed=7)
     baseline_sessions = live_sessions()
     gauge = server.metrics.inflight_streams.labels("Compress")
-    async with AsyncKVPackClient(server.address, timeout=0.3, timeout_per_mib=0.0) as client:
-        start = time.monotonic()
-        with pytest.raises(errors.DeadlineExceeded):
-            await client.compress(keys, values, scores=scores, ratio=0.5, key="too/slow")
-        assert time.monotonic() - start < 5
+    stalled = asyncio.Event()
+
+    async def upload_then_stall() -> AsyncIterator[pb.CompressRequest]:
+        # Header, scores, layer 0 and the start of layer 1 (8 messages), then nothing: the call
+        # can only end by its deadline, however fast this machine is.
+        requests = compress_requests(
+            header(keys, LARGE["hq"], key="too/slow"), scores, keys, values
+        )
+        for i, request in enumerate(requests):
+            if i == 8:
+                break
+            yield request
+        stalled.set()
+        await asyncio.Event().wait()
+
+    stub = pb_grpc.KVPackStub(channels(server.address))
+    call = stub.Compress(upload_then_stall(), timeout=1.0)
+    with pytest.raises(aio.AioRpcError) as err:
+        async for _ in call:
+            pass
+    assert stalled.is_set()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The server lets go: no stream slot, no in-flight gauge, no session object, nothing stored.
     await wait_for(lambda: server.servicer.streams.active == 0, 10, "stream slot released")
     await wait_for(lambda: gauge._value.get() == 0, 10, "inflight gauge back to 0")
     await wait_for(lambda: live_sessions() <= baseline_sessions, 10, "session freed")
     usage = await server.store.usage()
     assert (usage.entries, usage.bytes) == (0, 0)
-    code = server.metrics.registry.get_sample_value(
-        "kvpack_requests_total", {"method": "Compress", "code": "DEADLINE_EXCEEDED"}
+    await wait_for(
+        lambda: (
+            server.metrics.registry.get_sample_value(
+                "kvpack_requests_total", {"method": "Compress", "code": "DEADLINE_EXCEEDED"}
+            )
+            == 1.0
+        ),
+        10,
+        "DEADLINE_EXCEEDED counted",
     )
-    assert code == 1.0
+    # The client maps an expiry during its upload to the typed exception: 10 ms cannot carry
+    # 16 MiB of K/V on any machine.
+    async with AsyncKVPackClient(server.address, timeout=0.01, timeout_per_mib=0.0) as client:
+        start = time.monotonic()
+        with pytest.raises(errors.DeadlineExceeded):
+            await client.compress(keys, values, scores=scores, ratio=0.5, key="too/slow")
+        assert time.monotonic() - start < 5
+    await wait_for(lambda: server.servicer.streams.active == 0, 10, "stream slot released")
+    assert (await server.store.usage()).entries == 0
     # The codec pool is not left clogged: a normal call right after succeeds.
     async with AsyncKVPackClient(server.address, timeout=30) as client:
         small = make_cache(**SMALL, seed=8)

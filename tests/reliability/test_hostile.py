@@ -19,14 +19,21 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reliability_support import ServerThread
-from server_support import aiter_of, fetch, header, make_cache, put_requests, tensor_requests
 
 from kvpack import codec, wire
 from kvpack.options import MAX_MESSAGE_BYTES
 from kvpack.server.app import KVPackServer
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests.reliability.reliability_support import ServerThread
+from tests.server.server_support import (
+    aiter_of,
+    fetch,
+    header,
+    make_cache,
+    put_requests,
+    tensor_requests,
+)
 
 INV = grpc.StatusCode.INVALID_ARGUMENT
 LOSS = grpc.StatusCode.DATA_LOSS

@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import torch
-from deploy_support import Served, Servers
-from server_support import make_cache
-from test_quant import check_bound
 
 from kvpack.client import AsyncKVPackClient
 from kvpack.codec import QuantSettings
+from tests.codec.test_quant import check_bound
+from tests.deploy.deploy_support import Served, Servers
+from tests.server.server_support import make_cache
 
 CLIENTS = 16
 CYCLES = 6

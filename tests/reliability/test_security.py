@@ -13,13 +13,13 @@ import pytest
 import torch
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_support import fetch, put_requests
-from test_auth import _cert, _pem
 
 from kvpack import codec, errors
 from kvpack.client import TLS, AsyncKVPackClient
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests.server.server_support import fetch, put_requests
+from tests.server.test_auth import _cert, _pem
 
 TOKENS = "alpha:tok-alpha,beta:tok-beta"
 SERVICE = pb.DESCRIPTOR.services_by_name["KVPack"]

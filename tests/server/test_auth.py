@@ -11,11 +11,11 @@ import grpc
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_support import fetch, put_requests
 
 from kvpack import codec
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests.server.server_support import fetch, put_requests
 
 TOKENS = "alpha:tok-alpha,beta:tok-beta"
 

@@ -8,7 +8,10 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from server_support import (
+
+from kvpack import codec, wire
+from kvpack.v1 import kvpack_pb2 as pb
+from tests.server.server_support import (
     Collected,
     compress,
     compress_requests,
@@ -17,9 +20,6 @@ from server_support import (
     make_cache,
     tensor_requests,
 )
-
-from kvpack import codec, wire
-from kvpack.v1 import kvpack_pb2 as pb
 
 KEYS, VALUES, INDICES = pb.TENSOR_KIND_KEYS, pb.TENSOR_KIND_VALUES, pb.TENSOR_KIND_INDICES
 

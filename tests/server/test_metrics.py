@@ -8,9 +8,9 @@ import urllib.request
 from typing import Any
 
 import pytest
-from server_support import compress, compress_requests, header, make_cache
 
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests.server.server_support import compress, compress_requests, header, make_cache
 
 CONTRACT = {
     "kvpack_requests_total": "counter",

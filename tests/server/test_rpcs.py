@@ -9,11 +9,11 @@ from typing import Any
 import grpc
 import pytest
 import torch
-from server_support import fetch, put_requests
 
 from kvpack import codec, wire
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests.server.server_support import fetch, put_requests
 
 
 def container(layers: int = 3) -> bytes:

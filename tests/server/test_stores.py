@@ -10,11 +10,11 @@ import grpc
 import pytest
 import redis
 import torch
-from server_support import fetch, put_requests
 
 from kvpack import codec
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests.server.server_support import fetch, put_requests
 
 
 def container(layers: int = 2, n: int = 64, seed: int = 0) -> bytes:
