@@ -3,12 +3,10 @@ gives the same accuracy and bytes as the in-process codec."""
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import dataclasses
 import importlib.util
 import json
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from kvpack.eval.cli import parse_quant
 from kvpack.eval.runner import EvalConfig, token_map
 from kvpack.eval.runner import run_eval as run_points
 from kvpack.eval.tasks import VOCAB_SIZE, make_examples
+from tests.client.client_support import ServerThread
 
 # Small enough for ~10 s per run on two shared CPU cores; every mode and a ragged composite.
 # Length 165 leaves a 160-token context (question: 5 tokens), so every ratio gives whole per-layer
@@ -48,29 +47,6 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("model")
     LlamaForCausalLM(config).save_pretrained(path)
     return str(path)
-
-
-class ServerThread:
-    """A kvpack server on 127.0.0.1:0 on its own event loop, for blocking clients."""
-
-    def __init__(self) -> None:
-        from kvpack.server.app import KVPackServer
-        from kvpack.server.config import ServerConfig
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, workers=2)
-        self.server = KVPackServer(config)
-        asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=60)
-        self.address = f"127.0.0.1:{self.server.port}"
-
-    def stop(self) -> None:
-        stop = self.server.stop(grace=0.5)
-        asyncio.run_coroutine_threadsafe(stop, self.loop).result(timeout=60)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")
