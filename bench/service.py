@@ -26,9 +26,8 @@ import torch
 from grpc import aio
 
 from kvpack import wire
+from kvpack.client import messages
 from kvpack.options import channel_options, server_options
-from kvpack.v1 import kvpack_pb2 as pb
-from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
 
 SINK_METHOD = "/kvpack.bench.Sink/Upload"
 KV_HEADS, Q_HEADS, HEAD_DIM, LAYERS = 8, 32, 128, 32
@@ -85,37 +84,17 @@ def _requests(
     values: list[torch.Tensor],
     store: bool,
     return_cache: bool,
-) -> AsyncIterator[pb.CompressRequest]:
-    n = keys[0].shape[2]
-    header = pb.CompressHeader(
-        layout=pb.Layout(
-            num_layers=LAYERS,
-            batch_size=1,
-            num_kv_heads=KV_HEADS,
-            num_query_heads=Q_HEADS,
-            head_dim=HEAD_DIM,
-            seq_len=n,
-            dtype=pb.DTYPE_BFLOAT16,
-        ),
-        policy="kvcompose",
-        ratio=0.5,
-        store=store,
-        return_cache=return_cache,
-        key="bench/kv",
-    )
+) -> AsyncIterator[bytes]:
+    """The client library's serialised request stream (kvpack.client.messages)."""
+    upload = messages.compress_upload(
+        keys, values, scores=scores, window_queries=None, policy="kvcompose", ratio=0.5,
+        n_keep=None, policy_settings=None, quant=None, store=store, key="bench/kv", model=None,
+        token_ids=None, return_cache=return_cache,
+    )  # fmt: skip
 
-    async def gen() -> AsyncIterator[pb.CompressRequest]:
-        yield pb.CompressRequest(header=header)
-        tensors = [(pb.TENSOR_KIND_SCORES, 0, scores)]
-        for i in range(LAYERS):
-            tensors += [(pb.TENSOR_KIND_KEYS, i, keys[i]), (pb.TENSOR_KIND_VALUES, i, values[i])]
-        for kind, layer, t in tensors:
-            for msg in wire.iter_tensor_messages(kind, layer, t):
-                if isinstance(msg, pb.TensorBegin):
-                    yield pb.CompressRequest(begin=msg)
-                else:
-                    yield pb.CompressRequest(chunk=msg)
-        yield pb.CompressRequest(finish=pb.Finish())
+    async def gen() -> AsyncIterator[bytes]:
+        for frame in upload.frames():
+            yield frame
 
     return gen()
 
@@ -132,7 +111,7 @@ async def _bench(args: argparse.Namespace, addresses: dict[str, str]) -> dict[st
         aio.insecure_channel(addresses["kvpack"], options=channel_options()) as kch,
         aio.insecure_channel(addresses["sink"], options=channel_options()) as sch,
     ):
-        stub = pb_grpc.KVPackStub(kch)
+        compress = messages.compress_method(kch)
         upload = sch.stream_unary(
             SINK_METHOD, request_serializer=_identity, response_deserializer=_identity
         )
@@ -149,7 +128,7 @@ async def _bench(args: argparse.Namespace, addresses: dict[str, str]) -> dict[st
             bare.append(time.perf_counter() - start)
             assert int(got) == chunks * wire.CHUNK_BYTES
             start = time.perf_counter()
-            async for r in stub.Compress(
+            async for r in compress(
                 _requests(scores, keys, values, args.store, args.return_cache), timeout=600
             ):
                 if r.HasField("summary"):

@@ -56,6 +56,8 @@ class AsyncKVPackClient:
         else:
             self._channel = aio.secure_channel(target, credentials, options=options)
         self._stub = kvpack_pb2_grpc.KVPackStub(self._channel)
+        self._compress = messages.compress_method(self._channel)
+        self._fetch = messages.fetch_method(self._channel)
         self._metadata = auth_metadata(token)
         self.policy = CallPolicy(timeout=timeout, timeout_per_mib=timeout_per_mib, retries=retries)
 
@@ -108,8 +110,8 @@ class AsyncKVPackClient:
 
         async def run() -> CompressResult:
             deadline = self.policy.deadline(2 * upload.nbytes)
-            call = self._stub.Compress(
-                _off_loop(upload.requests(progress)),
+            call = self._compress(
+                _off_loop(upload.frames(progress)),
                 timeout=deadline,
                 metadata=self._metadata,
             )
@@ -147,9 +149,7 @@ class AsyncKVPackClient:
 
         async def run() -> bytes:
             assembler = None
-            call = self._stub.Fetch(
-                request, timeout=self.policy.deadline(size), metadata=self._metadata
-            )
+            call = self._fetch(request, timeout=self.policy.deadline(size), metadata=self._metadata)
             async for response in call:
                 if assembler is None:
                     assembler = messages.blob_assembler(response, max(size, 1))

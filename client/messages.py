@@ -81,26 +81,50 @@ class CompressUpload:
     def device(self) -> torch.device:
         return self.keys[0].device
 
-    def requests(self, progress: Progress = None) -> Iterator[pb.CompressRequest]:
-        """The request stream; tensors are copied to host memory one at a time as it is read.
-        ``progress(nbytes)`` is called after each tensor has been handed to gRPC."""
-        yield pb.CompressRequest(header=self.header)
+    def frames(self, progress: Progress = None) -> Iterator[bytes]:
+        """The request stream, serialised (send it with :func:`compress_method`); tensors are
+        copied to host memory one at a time as it is read. ``progress(nbytes)`` is called after
+        each tensor has been handed to gRPC."""
+        yield pb.CompressRequest(header=self.header).SerializeToString()
         tensors = [(self.stats[0], 0, self.stats[1])] if self.stats is not None else []
         for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
             tensors += [(pb.TENSOR_KIND_KEYS, layer, k), (pb.TENSOR_KIND_VALUES, layer, v)]
         for kind, layer, tensor in tensors:
-            yield from _tensor_requests(kind, layer, tensor)
+            yield from wire.tensor_frames(pb.CompressRequest, kind, layer, tensor)
             if progress is not None:
                 progress(tensor.numel() * tensor.element_size())
-        yield pb.CompressRequest(finish=pb.Finish())
+        yield pb.CompressRequest(finish=pb.Finish()).SerializeToString()
+
+    def requests(self) -> Iterator[pb.CompressRequest]:
+        """:meth:`frames` as protobuf messages, for a generated stub."""
+        return map(pb.CompressRequest.FromString, self.frames())
 
 
-def _tensor_requests(kind: int, layer: int, tensor: torch.Tensor) -> Iterator[pb.CompressRequest]:
-    for msg in wire.iter_tensor_messages(kind, layer, tensor):
-        if isinstance(msg, pb.TensorBegin):
-            yield pb.CompressRequest(begin=msg)
-        else:
-            yield pb.CompressRequest(chunk=msg)
+#: Full names of the streaming methods, for :func:`compress_method` and :func:`fetch_method`.
+COMPRESS = "/kvpack.v1.KVPack/Compress"
+FETCH = "/kvpack.v1.KVPack/Fetch"
+
+
+def compress_method(channel: Any) -> Any:
+    """Compress on a sync or aio ``channel``, sending :meth:`CompressUpload.frames` and receiving
+    chunks as :class:`kvpack.wire.ChunkFrame` (the generated stub copies each byte 3-4 more
+    times)."""
+    return channel.stream_stream(
+        COMPRESS,
+        request_serializer=wire.serialize,
+        response_deserializer=wire.frame_parser(pb.CompressResponse),
+        _registered_method=True,
+    )
+
+
+def fetch_method(channel: Any) -> Any:
+    """Fetch on a sync or aio ``channel``, receiving chunks as :class:`kvpack.wire.ChunkFrame`."""
+    return channel.unary_stream(
+        FETCH,
+        request_serializer=pb.FetchRequest.SerializeToString,
+        response_deserializer=wire.frame_parser(pb.FetchResponse),
+        _registered_method=True,
+    )
 
 
 def compress_upload(
@@ -204,10 +228,17 @@ class CompressAnswer:
         self.summary: pb.CompressSummary | None = None
         self._current: wire.TensorAssembler | None = None
 
-    def add(self, response: pb.CompressResponse) -> None:
+    def add(self, response: pb.CompressResponse | wire.ChunkFrame) -> None:
         kind = response.WhichOneof("msg")
         if self.summary is not None:
             raise InvalidArgument(f"server sent {kind} after the summary")
+        if kind == "chunk":
+            if self._current is None:
+                raise InvalidArgument("server sent a chunk outside a tensor")
+            if self._current.add(response.chunk):
+                self._finish_tensor()
+            return
+        assert isinstance(response, pb.CompressResponse)
         if kind == "begin":
             if self._current is not None:
                 raise InvalidArgument(f"server began a tensor inside {self._current.what}")
@@ -216,11 +247,6 @@ class CompressAnswer:
                 raise InvalidArgument(f"unexpected tensor kind {begin.kind} layer {begin.layer}")
             self._current = wire.TensorAssembler(begin, max_bytes=self.max_tensor_bytes)
             if self._current.done:
-                self._finish_tensor()
-        elif kind == "chunk":
-            if self._current is None:
-                raise InvalidArgument("server sent a chunk outside a tensor")
-            if self._current.add(response.chunk):
                 self._finish_tensor()
         elif kind == "summary":
             if self._current is not None:
@@ -329,12 +355,14 @@ def put_requests(blob: bytes, key: str | None) -> Iterator[pb.PutRequest]:
         yield pb.PutRequest(chunk=chunk)
 
 
-def blob_assembler(first: pb.FetchResponse, max_bytes: int) -> wire.BytesAssembler:
+def blob_assembler(
+    first: pb.FetchResponse | wire.ChunkFrame, max_bytes: int
+) -> wire.BytesAssembler:
     return wire.BytesAssembler(first.total_bytes, max_bytes=max_bytes, what="fetched container")
 
 
 def add_fetched(
-    assembler: wire.BytesAssembler, response: pb.FetchResponse, progress: Progress
+    assembler: wire.BytesAssembler, response: pb.FetchResponse | wire.ChunkFrame, progress: Progress
 ) -> None:
     """Copies one Fetch message's chunk in and reports its size."""
     if response.HasField("chunk"):

@@ -55,6 +55,8 @@ class KVPackClient:
         else:
             self._channel = grpc.secure_channel(target, credentials, options=options)
         self._stub = kvpack_pb2_grpc.KVPackStub(self._channel)
+        self._compress = messages.compress_method(self._channel)
+        self._fetch = messages.fetch_method(self._channel)
         self._metadata = auth_metadata(token)
         self.policy = CallPolicy(timeout=timeout, timeout_per_mib=timeout_per_mib, retries=retries)
 
@@ -126,8 +128,8 @@ class KVPackClient:
         )
 
         def run() -> CompressResult:
-            call = self._stub.Compress(
-                upload.requests(progress),
+            call = self._compress(
+                upload.frames(progress),
                 timeout=self.policy.deadline(2 * upload.nbytes),
                 metadata=self._metadata,
             )
@@ -154,7 +156,7 @@ class KVPackClient:
 
         def run() -> bytes:
             assembler = None
-            for response in self._stub.Fetch(
+            for response in self._fetch(
                 request, timeout=self.policy.deadline(size), metadata=self._metadata
             ):
                 if assembler is None:

@@ -28,9 +28,9 @@ from kvpack.options import server_options
 from kvpack.server.auth import Authenticator, AuthInterceptor, load_tokens
 from kvpack.server.config import ServerConfig
 from kvpack.server.metrics import Metrics, MetricsHTTP
-from kvpack.server.servicer import KVPackServicer
+from kvpack.server.servicer import KVPackServicer, add_to_server
 from kvpack.server.stores.base import Store
-from kvpack.v1 import kvpack_pb2, kvpack_pb2_grpc
+from kvpack.v1 import kvpack_pb2
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class KVPackServer:
             # Backstop only: streams are limited (with a clear message) by the servicer.
             maximum_concurrent_rpcs=self.config.max_concurrent_streams * 4 + 16,
         )
-        kvpack_pb2_grpc.add_KVPackServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (

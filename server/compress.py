@@ -39,7 +39,7 @@ from kvpack import codec, wire
 from kvpack.codec.selection import make_policy
 from kvpack.errors import InvalidArgument, KVPackError, ResourceExhausted
 from kvpack.server import container, keys
-from kvpack.server.rpc import DRAIN_SECONDS, check_deadline, drain
+from kvpack.server.rpc import DRAIN_SECONDS, ChunkWriter, check_deadline, drain
 from kvpack.v1 import kvpack_pb2 as pb
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
 _DONE = object()
+#: What the client stream yields: chunks are decoded by kvpack.wire, everything else by protobuf.
+Request = pb.CompressRequest | wire.ChunkFrame
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,12 +225,12 @@ class CompressSession:
 
     # -- reading the client stream --------------------------------------------------------------
 
-    async def _read(self, requests: AsyncIterator[pb.CompressRequest]) -> None:
+    async def _read(self, requests: AsyncIterator[Request]) -> None:
         """Consume the client stream, queueing one future per layer, then ``_DONE``."""
         it = aiter(requests)
         try:
             first = await anext(it, None)
-            if first is None or first.WhichOneof("msg") != "header":
+            if not isinstance(first, pb.CompressRequest) or first.WhichOneof("msg") != "header":
                 raise InvalidArgument("Compress must start with a CompressHeader")
             self.plan = p = plan(first.header, self.servicer)
             layer, expect = 0, "stats_or_keys"
@@ -246,7 +248,7 @@ class CompressSession:
                         if msg is None
                         else f"expected a TensorBegin or Finish, got {kind}"
                     )
-                assert msg is not None
+                assert isinstance(msg, pb.CompressRequest)
                 begin = msg.begin
                 if expect == "stats_or_keys" and begin.kind in (
                     pb.TENSOR_KIND_SCORES,
@@ -269,7 +271,7 @@ class CompressSession:
                     it, begin, self._check_kv(begin, pb.TENSOR_KIND_KEYS, layer)
                 )
                 vmsg = await anext(it, None)
-                if vmsg is None or vmsg.WhichOneof("msg") != "begin":
+                if not isinstance(vmsg, pb.CompressRequest) or vmsg.WhichOneof("msg") != "begin":
                     raise InvalidArgument(f"expected layer {layer}'s VALUES after its KEYS")
                 v = await self._receive(
                     it, vmsg.begin, self._check_kv(vmsg.begin, pb.TENSOR_KIND_VALUES, layer)
@@ -332,7 +334,7 @@ class CompressSession:
         return name
 
     async def _receive(
-        self, it: AsyncIterator[pb.CompressRequest], begin: pb.TensorBegin, what: str
+        self, it: AsyncIterator[Request], begin: pb.TensorBegin, what: str
     ) -> torch.Tensor:
         """Assemble one tensor; counts against --max-request-bytes before allocating."""
         left = self.config.max_request_bytes - self.received
@@ -342,6 +344,7 @@ class CompressSession:
                 f"--max-request-bytes={self.config.max_request_bytes}"
             )
         asm = wire.TensorAssembler(begin, max_bytes=left)
+        writer = ChunkWriter(self.servicer.executor)
         while not asm.done:
             msg = await anext(it, None)
             if msg is None or msg.WhichOneof("msg") != "chunk":
@@ -349,7 +352,8 @@ class CompressSession:
                     f"{asm.what}: expected chunks up to {asm.nbytes} bytes, got "
                     f"{'end of stream' if msg is None else msg.WhichOneof('msg')}"
                 )
-            asm.add(msg.chunk)
+            await writer.add(asm, msg.chunk)
+        await writer.flush()
         self.received += asm.nbytes
         return asm.tensor()
 
@@ -449,8 +453,8 @@ class CompressSession:
     # -- the response stream ---------------------------------------------------------------------
 
     async def run(
-        self, requests: AsyncIterator[pb.CompressRequest]
-    ) -> AsyncIterator[pb.CompressResponse]:
+        self, requests: AsyncIterator[Request]
+    ) -> AsyncIterator[pb.CompressResponse | bytes]:
         reader = asyncio.create_task(self._read(requests))
         results: list[LayerResult] = []
         failed = False
@@ -467,8 +471,8 @@ class CompressSession:
                     self.ahead.release()
                 self._observe_layer(result)
                 if self.plan is not None and self.plan.header.return_cache:
-                    for response in _layer_messages(result):
-                        yield response
+                    for frame in _layer_frames(result):
+                        yield frame
                 # Drop the composite tensors: only the encoded layer is needed from here on.
                 result.keys = result.values = torch.empty(0)
                 results.append(result)
@@ -595,15 +599,11 @@ def _require_finite(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
             )
 
 
-def _layer_messages(r: LayerResult) -> Iterator[pb.CompressResponse]:
-    """A layer's composite KEYS, VALUES and INDICES as response messages."""
+def _layer_frames(r: LayerResult) -> Iterator[bytes]:
+    """A layer's composite KEYS, VALUES and INDICES as serialised response messages."""
     for kind, tensor in (
         (pb.TENSOR_KIND_KEYS, r.keys),
         (pb.TENSOR_KIND_VALUES, r.values),
         (pb.TENSOR_KIND_INDICES, r.indices),
     ):
-        for msg in wire.iter_tensor_messages(kind, r.layer, tensor):
-            if isinstance(msg, pb.TensorBegin):
-                yield pb.CompressResponse(begin=msg)
-            else:
-                yield pb.CompressResponse(chunk=msg)
+        yield from wire.tensor_frames(pb.CompressResponse, kind, r.layer, tensor)

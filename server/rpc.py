@@ -14,11 +14,13 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc import aio
 
+from kvpack import wire
 from kvpack.errors import DeadlineExceeded, KVPackError, ResourceExhausted
 from kvpack.server.metrics import Metrics
 
@@ -74,6 +76,29 @@ async def drain(requests: AsyncIterator[Any]) -> None:
 
     with contextlib.suppress(Exception):  # timeout, or the stream itself failed: stop draining
         await asyncio.wait_for(consume(), DRAIN_SECONDS)
+
+
+class ChunkWriter:
+    """Feeds received chunks to an assembler with the copy and CRC (about 1 ms per MiB) on
+    ``executor`` instead of the event loop: one write at a time, in order, each overlapping the
+    arrival of the next chunk. Offsets and sizes are checked on the loop, before anything is
+    copied; :meth:`flush` before taking the result."""
+
+    def __init__(self, executor: Executor) -> None:
+        self.executor = executor
+        self._pending: asyncio.Future[None] | None = None
+
+    async def add(self, assembler: wire.BytesAssembler | wire.TensorAssembler, chunk: Any) -> None:
+        start = assembler.received
+        data = assembler.claim(chunk)
+        await self.flush()
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(self.executor, assembler.write, start, data)
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
 
 
 def check_deadline(context: aio.ServicerContext, what: str) -> None:
