@@ -56,20 +56,23 @@ def encode_symbol_blocks(
     entropy: str,
     mode: str,
     lengths: np.ndarray | None = None,
+    hists: np.ndarray | None = None,
 ) -> CodedBlocks:
     """Code consecutive blocks of `symbols` (1-D ints in [0, n_levels), block i holds counts[i]).
 
     mode "fixed" bit-packs every block. Otherwise `entropy` picks "huffman", "zstd" or "auto"
     (the smaller per block, Huffman on a tie). `lengths`: an existing codebook to reuse
     (appends); when None one is built from these symbols. A block with a symbol the codebook
-    cannot code falls back to zstd.
+    cannot code falls back to zstd. `hists`: the blocks' symbol histograms (int64
+    [len(counts), n_levels]) when the caller already has them, else they are counted here.
     """
     counts = np.asarray(counts, dtype=np.int64)
     symbols = np.ascontiguousarray(symbols).reshape(-1)
     bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
     # One pass: per-block histograms give the codebook, each block's exact Huffman size and
     # codability, and the entropy statistics, so Huffman only runs on blocks it wins.
-    hists = kernels.block_histograms(symbols, counts, n_levels)
+    if hists is None:
+        hists = kernels.block_histograms(symbols, counts, n_levels)
     total = hists.sum(axis=0)
     blocks = [symbols[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
     if mode == "fixed":
@@ -145,33 +148,39 @@ def decode_symbol_blocks(
     counts: Sequence[int],
     n_levels: int,
     lengths: np.ndarray | None,
-) -> list[np.ndarray]:
-    """Decode blocks (uint16 symbols each); Huffman blocks are decoded together in one pass.
+) -> np.ndarray:
+    """Decode blocks into one array: block i's counts[i] symbols follow block i-1's (uint16).
+    Huffman blocks are decoded together in one pass.
 
-    ValueError subclasses on any inconsistency, including a symbol >= n_levels.
+    ValueError subclasses on any framing or coding inconsistency. Symbols are not checked
+    against n_levels here: the dequantisation kernel does that in its pass over them.
     """
-    out: list[np.ndarray] = [np.zeros(0, dtype=np.uint16)] * len(coders)
+    bounds = np.concatenate(([0], np.cumsum(counts, dtype=np.int64))).tolist()
     huff = [i for i, c in enumerate(coders) if c == "huffman"]
+    if len(huff) == len(coders):  # the usual case: the decoder's output is the result
+        if lengths is None:
+            raise ValueError("Huffman block in a stream without a codebook")
+        return huffman.decode_blocks(payloads, counts, lengths)
+    out = np.empty(bounds[-1], dtype=np.uint16)
     if huff:
         if lengths is None:
             raise ValueError("Huffman block in a stream without a codebook")
         syms = huffman.decode_blocks(
             [payloads[i] for i in huff], [counts[i] for i in huff], lengths
         )
-        parts = np.split(syms, np.cumsum([counts[i] for i in huff])[:-1])
-        for i, part in zip(huff, parts, strict=True):
-            out[i] = part
+        pos = 0
+        for i in huff:
+            out[bounds[i] : bounds[i + 1]] = syms[pos : pos + counts[i]]
+            pos += counts[i]
     for i, coder in enumerate(coders):
+        part = out[bounds[i] : bounds[i + 1]]
         if coder == "fixed":
             check_symbol_block(coder, payloads[i], counts[i], n_levels, lengths)
-            out[i] = quant.unpack_fixed(payloads[i], counts[i], quant.fixed_bits(n_levels))
+            part[:] = quant.unpack_fixed(payloads[i], counts[i], quant.fixed_bits(n_levels))
         elif coder == "zstd":
             width = symbol_width(n_levels)
             raw = lossless.zstd_exact(payloads[i], counts[i] * width)
-            out[i] = np.frombuffer(raw, dtype="<u2" if width == 2 else np.uint8).astype(np.uint16)
+            part[:] = np.frombuffer(raw, dtype="<u2" if width == 2 else np.uint8)
         elif coder != "huffman":
             raise ValueError(f"unknown coder {coder!r}")
-    for i, syms in enumerate(out):
-        if syms.size and int(syms.max()) >= n_levels:
-            raise ValueError(f"block {i}: symbol {int(syms.max())} outside {n_levels} levels")
     return out

@@ -16,7 +16,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
 import numpy as np
-from numba import njit
+from llvmlite import ir  # type: ignore[import-untyped]
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -293,10 +296,354 @@ def unpack_fixed(data: np.ndarray, count: int, bits: int) -> np.ndarray:
     return out
 
 
+# ------------------------------------------------------------------ quantisation (fused kernels)
+# LLVM-level scalar helpers; typed Any because numba calls them with the typing context first.
+_intrinsic = cast(Callable[[Callable[..., Any]], Any], intrinsic)
+# Source/destination float kinds of the quantisation kernels; values travel as their bits
+# (uint16 for fp16/bf16, uint32 for fp32) since numba has no float16/bfloat16 type.
+FP32, FP16, BF16 = 0, 1, 2
+# Grouping of a [nb, B, H, T, d] block view: V = per token (m = d); K "channel" = per channel
+# (m = T); K "block" = per block and batch row (m = H*T*d). Orders as docs/FORMAT.md.
+GROUP_V, GROUP_K_CHANNEL, GROUP_K_BLOCK = 0, 1, 2
+# Smallest normal fp32: a step below it would lose relative precision (subnormal), which would
+# break the bound; such groups span < 2^-126/eb and are still reconstructed within step/2.
+_MIN_STEP = np.float32(2.0**-126)
+_F16_MAX = np.float32(65504.0)
+_BF16_MAX = np.float32(3.3895313892515355e38)
+
+
+@_intrinsic
+def _f32_from_u32(typingctx: Any, u: Any) -> Any:
+    """Reinterpret uint32 bits as float32 (no conversion)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@_intrinsic
+def _u32_from_f32(typingctx: Any, f: Any) -> Any:
+    """Reinterpret float32 bits as uint32 (no conversion)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@_intrinsic
+def _f32_from_f16(typingctx: Any, u: Any) -> Any:
+    """fp16 bits (uint16) -> fp32, exact (LLVM fpext: one vcvtph2ps with F16C, no branches)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@_intrinsic
+def _f16_from_f32(typingctx: Any, f: Any) -> Any:
+    """fp32 -> fp16 bits (uint16), rounded to nearest even (LLVM fptrunc, IEEE like torch)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@_intrinsic
+def _fma32(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """a*b + c in fp32 with one rounding (llvm.fma): torch's addcmul, which dequantised before
+    these kernels, fuses the same way on CPU, and the decoded values must not change."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        f32 = ir.FloatType()
+        fnty = ir.FunctionType(f32, [f32, f32, f32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@njit(nogil=True, error_model="numpy")
+def _load(bits: Any, kind: int) -> tuple[np.float32, bool]:
+    """(value as fp32, finite?) of one element's bits of float kind `kind` (exact widening)."""
+    u = np.uint32(bits)
+    if kind == FP32:
+        return _f32_from_u32(u), (u & 0x7F800000) != 0x7F800000
+    if kind == BF16:
+        return _f32_from_u32(np.uint32(u << np.uint32(16))), (u & 0x7F80) != 0x7F80
+    return _f32_from_f16(np.uint16(u)), (u & 0x7C00) != 0x7C00
+
+
+@njit(nogil=True, error_model="numpy")
+def _store_value(f: np.float32, kind: int) -> tuple[np.uint32, np.float32]:
+    """(bits in float kind `kind`, that value widened back to fp32) of the reconstruction f,
+    clamped to the kind's finite range first (as docs/FORMAT.md: never an inf)."""
+    if kind == FP32:
+        return _u32_from_f32(f), f
+    if kind == BF16:
+        f = min(max(f, -_BF16_MAX), _BF16_MAX)
+        u = np.uint32(_u32_from_f32(f))
+        hb = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
+        return hb, _f32_from_u32(np.uint32(hb << np.uint32(16)))
+    f = min(max(f, -_F16_MAX), _F16_MAX)
+    hb = _f16_from_f32(f)
+    return np.uint32(hb), _f32_from_f16(hb)
+
+
+@njit(nogil=True, error_model="numpy")
+def _step(lo: np.float32, hi: np.float32, eb: np.float32) -> tuple[np.float32, bool]:
+    """(step, ok) of a group with min lo, max hi: max(eb*(hi-lo), 2^-126), 0 for a constant
+    group; ok is False when the range overflows fp32."""
+    rng = hi - lo
+    if rng == 0:
+        return np.float32(0.0), True
+    return max(rng * eb, _MIN_STEP), bool(rng < np.inf)
+
+
+@njit(nogil=True, error_model="numpy")
+def _symbol(v: np.float32, lo: np.float32, step: np.float32, qmax: int) -> int:
+    """clamp(round_half_even((v - lo) / step), 0, qmax) in fp32 (true division)."""
+    r = np.rint((v - lo) / step)
+    return int(min(max(r, np.float32(0.0)), np.float32(qmax)))
+
+
+@njit(nogil=True, error_model="numpy")
+def _row_range(
+    row: np.ndarray, src: int, lo: np.float32, hi: np.float32, ok: bool
+) -> tuple[np.float32, np.float32, bool]:
+    """Fold one row of element bits into a group's running (min, max, all finite)."""
+    for c in range(row.shape[0]):
+        v, fin = _load(row[c], src)
+        ok &= fin
+        # Strict comparisons keep the first of equal values (torch's amin/amax pick for ±0).
+        if v < lo:
+            lo = v
+        if v > hi:
+            hi = v
+    return lo, hi, ok
+
+
+@njit(nogil=True, error_model="numpy")
+def _row_quantize(
+    row: np.ndarray,
+    src: int,
+    lo: np.float32,
+    step: np.float32,
+    qmax: int,
+    syms: np.ndarray,
+    w: int,
+    hist: np.ndarray,
+    acc: np.ndarray,
+) -> int:
+    """Quantise one row of a live group into syms[w:], count its symbols in hist; fold the
+    reconstruction error (as decoded, in the source dtype) and the squares into acc =
+    [max |x - x̂|, sum (x - x̂)^2, sum x^2] (float64). Returns the next write position."""
+    err_max = acc[0]
+    err_sq = 0.0
+    norm = 0.0
+    for c in range(row.shape[0]):
+        v, _ = _load(row[c], src)
+        s = _symbol(v, lo, step, qmax)
+        syms[w] = s
+        w += 1
+        hist[s] += 1
+        _, back = _store_value(_fma32(np.float32(s), step, lo), src)
+        e = abs(np.float64(back) - np.float64(v))
+        err_max = max(err_max, e)
+        err_sq += e * e
+        norm += np.float64(v) * np.float64(v)
+    acc[0] = err_max
+    acc[1] += err_sq
+    acc[2] += norm
+    return w
+
+
+@_kernel
+def quantize_blocks(
+    xv: np.ndarray,
+    src: int,
+    grouping: int,
+    eb: float,
+    qmax: int,
+    syms: np.ndarray,
+    counts: np.ndarray,
+    mn: np.ndarray,
+    step: np.ndarray,
+    hist: np.ndarray,
+    acc: np.ndarray,
+) -> int:
+    """Quantise every group of the blocks of one stream in one pass per group (docs/FORMAT.md).
+
+    xv: element bits [nb, B, H, T, d] (any strides; uint16 for fp16/bf16, uint32 for fp32) of
+    float kind `src`; grouping: GROUP_V / GROUP_K_CHANNEL / GROUP_K_BLOCK; eb: relative error
+    bound (used as fp32); qmax = levels - 1. Writes per block i the group minima mn[i] and steps
+    step[i] (float32 [nb, G]; step 0 for a constant group), the symbols of its live groups in
+    group order to syms (1-D, room for nb*G*m) at the running position, their count to
+    counts[i] and their histogram to hist[i] (int64 [nb, levels], zeroed by the caller); folds
+    the error statistics into acc (float64 [3], see _row_quantize; zeroed by the caller).
+    Returns 0, or 1 when a value is non-finite or a group range overflows fp32 (outputs then
+    undefined).
+    """
+    nb, nbatch, nheads, t_len, d = xv.shape
+    eb32 = np.float32(eb)
+    w = 0
+    for blk in range(nb):
+        start = w
+        hrow = hist[blk]
+        if grouping == GROUP_K_CHANNEL:
+            lo_c = np.empty(d, dtype=np.float32)
+            hi_c = np.empty(d, dtype=np.float32)
+            for b in range(nbatch):
+                for h in range(nheads):
+                    tile = xv[blk, b, h]
+                    g0 = (b * nheads + h) * d
+                    ok = True
+                    for c in range(d):
+                        v, fin = _load(tile[0, c], src)
+                        ok &= fin
+                        lo_c[c] = v
+                        hi_c[c] = v
+                    for t in range(1, t_len):
+                        for c in range(d):
+                            v, fin = _load(tile[t, c], src)
+                            ok &= fin
+                            if v < lo_c[c]:
+                                lo_c[c] = v
+                            if v > hi_c[c]:
+                                hi_c[c] = v
+                    for c in range(d):
+                        st, fine = _step(lo_c[c], hi_c[c], eb32)
+                        ok &= fine
+                        mn[blk, g0 + c] = lo_c[c]
+                        step[blk, g0 + c] = st
+                    if not ok:
+                        return 1
+                    for c in range(d):
+                        st = step[blk, g0 + c]
+                        if st != 0:
+                            w = _row_quantize(
+                                tile[:, c], src, lo_c[c], st, qmax, syms, w, hrow, acc
+                            )
+                        else:
+                            for t in range(t_len):  # constant: exact, only the norm counts
+                                v, _ = _load(tile[t, c], src)
+                                acc[2] += np.float64(v) * np.float64(v)
+        elif grouping == GROUP_V:
+            for b in range(nbatch):
+                for h in range(nheads):
+                    for t in range(t_len):
+                        row = xv[blk, b, h, t]
+                        g = (b * nheads + h) * t_len + t
+                        v0, _ = _load(row[0], src)
+                        lo, hi, ok = _row_range(row, src, v0, v0, True)
+                        st, fine = _step(lo, hi, eb32)
+                        if not (ok and fine):
+                            return 1
+                        mn[blk, g] = lo
+                        step[blk, g] = st
+                        if st != 0:
+                            w = _row_quantize(row, src, lo, st, qmax, syms, w, hrow, acc)
+                        else:
+                            acc[2] += d * np.float64(lo) * np.float64(lo)
+        else:
+            for b in range(nbatch):
+                grp = xv[blk, b]
+                v0, _ = _load(grp[0, 0, 0], src)
+                lo, hi, ok = v0, v0, True
+                for h in range(nheads):
+                    for t in range(t_len):
+                        lo, hi, ok = _row_range(grp[h, t], src, lo, hi, ok)
+                st, fine = _step(lo, hi, eb32)
+                if not (ok and fine):
+                    return 1
+                mn[blk, b] = lo
+                step[blk, b] = st
+                for h in range(nheads):
+                    for t in range(t_len):
+                        if st != 0:
+                            w = _row_quantize(grp[h, t], src, lo, st, qmax, syms, w, hrow, acc)
+                        else:
+                            acc[2] += d * np.float64(lo) * np.float64(lo)
+        counts[blk] = w - start
+    return 0
+
+
+@_kernel
+def dequantize_blocks(
+    syms: np.ndarray,
+    mn: np.ndarray,
+    step: np.ndarray,
+    grouping: int,
+    dst: int,
+    qmax: int,
+    out: np.ndarray,
+) -> int:
+    """Inverse of quantize_blocks: x̂ = mn + q*step in fp32 with one rounding (q = 0 in constant
+    groups), clamped to the finite range of float kind `dst` and rounded to it (nearest even),
+    written as bits into out [nb, B, H, T, d] (any strides; uint16 for fp16/bf16, uint32 for
+    fp32). syms: the live groups' symbols of all blocks back to back, exactly as many as they
+    hold (as quantize_blocks writes them); mn/step: float32 [nb, G]. Returns -1, or the first
+    block holding a symbol > qmax (its output is then partly written).
+    """
+    nb, nbatch, nheads, t_len, d = out.shape
+    r = 0
+    for blk in range(nb):
+        top = 0
+        if grouping == GROUP_K_CHANNEL:
+            for b in range(nbatch):
+                for h in range(nheads):
+                    tile = out[blk, b, h]
+                    g0 = (b * nheads + h) * d
+                    for c in range(d):
+                        lo = mn[blk, g0 + c]
+                        st = step[blk, g0 + c]
+                        if st != 0:
+                            for t in range(t_len):
+                                s = syms[r + t]
+                                top = max(top, s)
+                                tile[t, c], _ = _store_value(_fma32(np.float32(s), st, lo), dst)
+                            r += t_len
+                        else:
+                            bits, _ = _store_value(_fma32(np.float32(0.0), st, lo), dst)
+                            for t in range(t_len):
+                                tile[t, c] = bits
+        else:
+            for b in range(nbatch):
+                for h in range(nheads):
+                    for t in range(t_len):
+                        row = out[blk, b, h, t]
+                        g = b if grouping == GROUP_K_BLOCK else (b * nheads + h) * t_len + t
+                        lo = mn[blk, g]
+                        st = step[blk, g]
+                        if st != 0:
+                            for c in range(d):
+                                s = syms[r + c]
+                                top = max(top, s)
+                                row[c], _ = _store_value(_fma32(np.float32(s), st, lo), dst)
+                            r += d
+                        else:
+                            bits, _ = _store_value(_fma32(np.float32(0.0), st, lo), dst)
+                            for c in range(d):
+                                row[c] = bits
+        if top > qmax:
+            return blk
+    return -1
+
+
 def warm_up() -> None:
     """Compile (or load from the cache) every kernel for the argument types the codec uses, so
     the first request does not pay the JIT time (seconds when no cache is available)."""
-    from kvpack.codec import huffman  # imports this module, so not at the top
+    import torch  # the quantisation wrappers take tensors
+
+    from kvpack.codec import huffman, quant  # both import this module, so not at the top
 
     for dtype in (np.uint8, np.uint16):
         syms = np.array([0, 1, 1, 2], dtype=dtype)
@@ -305,3 +652,12 @@ def warm_up() -> None:
         payloads = huffman.encode_blocks(syms, counts, lengths)
         huffman.decode_blocks(payloads, [4], lengths)
         unpack_fixed(pack_fixed(syms, 2), 4, 2)
+    # Every float dtype, uint8 and uint16 symbols, and both array layouts numba tells apart
+    # (one block of one head is C-contiguous once transposed; anything larger is strided).
+    for float_dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for heads, tokens in ((1, 2), (2, 4)):
+            x = torch.ones(1, heads, tokens, 2, dtype=float_dtype)
+            for eb in (0.5, 2.0**-12):
+                qz = quant.quantize_blocks(x, "v", 2, eb)
+                symbols = qz.symbols.astype(np.uint16)
+                quant.dequantize_blocks(symbols, qz.mn, qz.step, "v", quant.levels(eb), x)

@@ -107,18 +107,9 @@ def group_count(kind: str, shape: tuple[int, ...], settings: QuantSettings) -> t
     return b, h * t * d
 
 
-def _group(kind: str, x: torch.Tensor, settings: QuantSettings) -> torch.Tensor:
-    if kind == "k":
-        return quant.group_k(x, settings.k_grouping, settings.block_tokens)
-    return quant.group_v(x, settings.block_tokens)
-
-
-def _ungroup(
-    kind: str, g: torch.Tensor, shape: tuple[int, int, int, int], settings: QuantSettings
-) -> torch.Tensor:
-    if kind == "k":
-        return quant.ungroup_k(g, shape, settings.k_grouping)
-    return quant.ungroup_v(g, shape)
+def _grouping(kind: str, settings: QuantSettings) -> str:
+    """quant.group_shape's grouping name of stream `kind` ("k"/"v")."""
+    return settings.k_grouping if kind == "k" else "v"
 
 
 def _error_bound(kind: str, settings: QuantSettings) -> float:
@@ -160,8 +151,8 @@ def encode_stream(
     enc, tail = x[:, :, : nb * t], x[:, :, nb * t :]
     size = x.element_size()
     window = Section.of("lossless", lossless.shuffle_compress(tensor_to_bytes(tail), size))
-    sq_norm = float(x.to(torch.float32).square().sum())
     if settings.mode == "lossless":
+        sq_norm = float(x.to(torch.float32).square().sum())
         blocks = [
             Section.of(
                 "lossless",
@@ -172,38 +163,29 @@ def encode_stream(
         return _StreamOut(blocks, window, None, 0.0, 0.0, sq_norm, 0, 0, 0.0)
     eb = _error_bound(kind, settings)
     n_levels = quant.levels(eb)
-    groups = _group(kind, enc, settings).to(torch.float32)  # once, for quantize and the errors
-    q, mn, step = quant.quantize(groups, eb)
-    recon = quant.dequantize(q, mn, step, x.dtype).to(torch.float32)
-    diff = recon - groups
-    max_err = float(diff.abs().max()) if diff.numel() else 0.0
-    sq_err = float(diff.square().sum())
-    q_np = q.cpu().numpy().view(np.uint16) if q.dtype == torch.int16 else q.cpu().numpy()
-    mn_np = mn.cpu().numpy().astype("<f4")
-    step_np = step.cpu().numpy().astype("<f4")
-    live = step_np != 0
-    # Constant groups carry no symbols; usually there are none, and then no masked copy is made.
-    symbols = q_np.reshape(-1) if live.all() else q_np[live].reshape(-1)
-    counts = live.sum(axis=1) * q_np.shape[-1]
+    qz = quant.quantize_blocks(enc, _grouping(kind, settings), t, eb)
+    # Window tokens are exact: only their squares add to the norm.
+    sq_norm = qz.sq_norm + float(tail.to(torch.float64).square().sum())
     lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
     coded = entropy.encode_symbol_blocks(
-        symbols, counts, n_levels, settings.entropy, settings.mode, lengths
+        qz.symbols, qz.counts, n_levels, settings.entropy, settings.mode, lengths, qz.hist
     )
+    mn_le, step_le = qz.mn.astype("<f4", copy=False), qz.step.astype("<f4", copy=False)
     blocks = [
-        Section.of(coder, mn_np[i].tobytes() + step_np[i].tobytes() + payload)
+        Section.of(coder, mn_le[i].tobytes() + step_le[i].tobytes() + payload)
         for i, (coder, payload) in enumerate(zip(coded.coders, coded.payloads, strict=True))
     ]
-    meta_bytes = 8 * mn_np.size
+    meta_bytes = 8 * qz.mn.size
     coded_bits = 8 * (sum(len(s.data) for s in blocks) - meta_bytes)
     new_book = tuple(int(v) for v in coded.lengths) if coded.lengths is not None else codebook
     return _StreamOut(
         blocks,
         window,
         new_book,
-        max_err,
-        sq_err,
+        qz.max_err,
+        qz.sq_err,
         sq_norm,
-        int(symbols.size),
+        int(qz.symbols.size),
         coded_bits,
         entropy.histogram_bits(coded.histogram),
     )
@@ -347,39 +329,31 @@ def decode_stream(
     size = itemsize(dtype)
     tail_shape = (b, h, n - nb * t, d)
     tail_raw = lossless.unshuffle_decompress(window, size, int(np.prod(tail_shape)) * size)
-    tail = tensor_from_bytes(tail_raw, dtype, tail_shape, device)
+    tail = tensor_from_bytes(tail_raw, dtype, tail_shape)
     if nb == 0:
-        return tail
+        return tail if device is None else tail.to(device)
     if settings.mode == "lossless":
         nbytes = b * h * t * d * size
         parts = [
             tensor_from_bytes(
-                lossless.unshuffle_decompress(data, size, nbytes), dtype, (b, h, t, d), device
+                lossless.unshuffle_decompress(data, size, nbytes), dtype, (b, h, t, d)
             )
             for _, data in blocks
         ]
-        return torch.cat([*parts, tail], dim=2)
-    g, m = group_count(kind, shape, settings)
+        whole = torch.cat([*parts, tail], dim=2)
+        return whole if device is None else whole.to(device)
+    g, _ = group_count(kind, shape, settings)
     counts = [check_block(kind, (c, p), shape, dtype, settings, codebook) for c, p in blocks]
     meta = np.stack([np.frombuffer(p, dtype="<f4", count=2 * g) for _, p in blocks])
-    mn, step = meta[:, :g], meta[:, g:]
     n_levels = quant.levels(_error_bound(kind, settings))
     lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
     syms = entropy.decode_symbol_blocks(
         [c for c, _ in blocks], [p[8 * g :] for _, p in blocks], counts, n_levels, lengths
     )
-    sym_dtype = quant.symbol_dtype(n_levels)
-    q_dtype = np.uint8 if sym_dtype == torch.uint8 else np.int16
-    live = step != 0
-    if live.all():  # no constant groups: the symbols are q as they are
-        q = np.concatenate(syms).astype(q_dtype).reshape(nb, g, m)
-    else:
-        q = np.zeros((nb, g, m), dtype=q_dtype)
-        q[live] = np.concatenate(syms).astype(q_dtype).reshape(-1, m)
-    x = quant.dequantize(
-        torch.from_numpy(q).to(device or "cpu"),
-        torch.from_numpy(mn.copy()).to(device or "cpu"),
-        torch.from_numpy(step.copy()).to(device or "cpu"),
-        dtype_from_name(dtype),
-    )
-    return torch.cat([_ungroup(kind, x, (b, h, nb * t, d), settings), tail], dim=2)
+    # Dequantise straight into the output layout on the CPU; one copy to `device` at the end.
+    out = torch.empty(shape, dtype=dtype_from_name(dtype))
+    out[:, :, nb * t :] = tail
+    mn, step = meta[:, :g].astype(np.float32), meta[:, g:].astype(np.float32)
+    grouping = _grouping(kind, settings)
+    quant.dequantize_blocks(syms, mn, step, grouping, n_levels, out[:, :, : nb * t])
+    return out if device is None else out.to(device)

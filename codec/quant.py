@@ -9,15 +9,18 @@ A constant group (mx == mn) is stored with step 0 and contributes no symbols.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from kvpack.codec import kernels
 
-# Smallest normal fp32: a step below it would lose relative precision (subnormal), which would
-# break the bound; such groups span < 2^-126/eb and are still reconstructed within step/2.
-MIN_STEP = 2.0**-126
+_GROUPINGS = {
+    "v": kernels.GROUP_V,
+    "channel": kernels.GROUP_K_CHANNEL,
+    "block": kernels.GROUP_K_BLOCK,
+}
 
 
 def levels(eb: float) -> int:
@@ -26,91 +29,126 @@ def levels(eb: float) -> int:
     return math.ceil(1.0 / eb - 1e-9) + 1
 
 
-def symbol_dtype(n_levels: int) -> torch.dtype:
-    """uint8 symbols up to 256 levels, int16 (values < 2^15) above."""
-    return torch.uint8 if n_levels <= 256 else torch.int16
-
-
 def fixed_bits(n_levels: int) -> int:
     """Bits per value of the fixed-width baseline: ceil(log2(levels)), at least 1."""
     return max(1, math.ceil(math.log2(n_levels)))
 
 
-def group_k(x: torch.Tensor, grouping: str, block_tokens: int) -> torch.Tensor:
-    """Keys [B, H, nb*T, d] -> groups [nb, G, m]: "channel" G = B*H*d, m = T (one range per
-    block, row, head, channel); "block" G = B, m = H*T*d (one range per block and row)."""
-    b, h, n, d = x.shape
-    nb = n // block_tokens
-    x = x.reshape(b, h, nb, block_tokens, d)
+@dataclass(frozen=True)
+class Quantized:
+    """One stream's blocks, quantised: `symbols` of the live groups (1-D uint8, uint16 above 256
+    levels) block after block, `counts` (int64 [nb]) symbols per block, group minima `mn` and
+    steps `step` (float32 [nb, G], step 0 = constant group), per-block symbol histograms `hist`
+    (int64 [nb, levels]); errors of the decoded values (in the input dtype) against the input:
+    max |x - x̂| and sum (x - x̂)^2, and the input's sum x^2 (float64 sums)."""
+
+    symbols: np.ndarray
+    counts: np.ndarray
+    mn: np.ndarray
+    step: np.ndarray
+    hist: np.ndarray
+    max_err: float
+    sq_err: float
+    sq_norm: float
+
+
+def group_shape(grouping: str, shape: tuple[int, ...], block_tokens: int) -> tuple[int, int]:
+    """(groups per block G, values per group m) for blocks of x [B, H, n, d]: "v" = per token
+    (B*H*T, d); "channel" = per key channel (B*H*d, T); "block" = per batch row (B, H*T*d)."""
+    b, h, _, d = shape
+    if grouping == "v":
+        return b * h * block_tokens, d
     if grouping == "channel":
-        return x.permute(2, 0, 1, 4, 3).reshape(nb, b * h * d, block_tokens)
-    return x.permute(2, 0, 1, 3, 4).reshape(nb, b, h * block_tokens * d)
+        return b * h * d, block_tokens
+    return b, h * block_tokens * d
 
 
-def ungroup_k(g: torch.Tensor, shape: tuple[int, int, int, int], grouping: str) -> torch.Tensor:
-    """Inverse of group_k: groups [nb, G, m] -> keys of `shape` [B, H, nb*T, d]."""
-    b, h, n, d = shape
-    nb = g.shape[0]
-    t = n // nb if nb else 0
-    if grouping == "channel":
-        x = g.reshape(nb, b, h, d, t).permute(1, 2, 0, 4, 3)
-    else:
-        x = g.reshape(nb, b, h, t, d).permute(1, 2, 0, 3, 4)
-    return x.reshape(b, h, n, d)
+def _float_kind(dtype: torch.dtype) -> int:
+    return {torch.float32: kernels.FP32, torch.float16: kernels.FP16}.get(dtype, kernels.BF16)
 
 
-def group_v(x: torch.Tensor, block_tokens: int) -> torch.Tensor:
-    """Values [B, H, nb*T, d] -> groups [nb, B*H*T, d] (one range per token and head)."""
+def _block_bits(x: torch.Tensor, block_tokens: int) -> np.ndarray:
+    """Element bits of CPU tensor x [B, H, nb*T, d] as a numpy view [nb, B, H, T, d] (uint16 for
+    fp16/bf16, uint32 for fp32; no copy, any strides)."""
     b, h, n, d = x.shape
-    nb = n // block_tokens
-    x = x.reshape(b, h, nb, block_tokens, d).permute(2, 0, 1, 3, 4)
-    return x.reshape(nb, b * h * block_tokens, d)
+    bits = x.view(torch.int32 if x.element_size() == 4 else torch.int16).numpy()
+    bits = bits.view(np.uint32 if x.element_size() == 4 else np.uint16)
+    return bits.reshape(b, h, n // block_tokens, block_tokens, d).transpose(2, 0, 1, 3, 4)
 
 
-def ungroup_v(g: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:
-    """Inverse of group_v: groups [nb, B*H*T, d] -> values of `shape` [B, H, nb*T, d]."""
-    b, h, n, d = shape
-    nb = g.shape[0]
-    t = n // nb if nb else 0
-    return g.reshape(nb, b, h, t, d).permute(1, 2, 0, 3, 4).reshape(b, h, n, d)
+def quantize_blocks(x: torch.Tensor, grouping: str, block_tokens: int, eb: float) -> Quantized:
+    """Quantise whole blocks x [B, H, nb*T, d] (fp32/fp16/bf16, any device) with relative bound eb
+    and `grouping` ("v", "channel" or "block", see group_shape), as docs/FORMAT.md.
 
-
-def quantize(groups: torch.Tensor, eb: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantise groups [..., G, m] (any float dtype, any device) with relative bound eb.
-
-    Returns (q [..., G, m] uint8/int16 in [0, levels(eb)-1], mn [..., G] fp32,
-    step [..., G] fp32 with 0 marking a constant group). ValueError on non-finite values or a
-    range that overflows fp32 (use mode "lossless" for such data).
+    ValueError on non-finite values or a group range that overflows fp32 (use mode "lossless").
     """
-    x = groups.to(torch.float32)
-    if x.numel() == 0:
-        shape = x.shape[:-1]
-        zeros = torch.zeros(shape, dtype=torch.float32, device=x.device)
-        return torch.zeros(x.shape, dtype=symbol_dtype(levels(eb)), device=x.device), zeros, zeros
-    mn = x.amin(-1)
-    rng = x.amax(-1) - mn
-    if not bool(torch.isfinite(rng).all()):
-        raise ValueError("non-finite values or a group range beyond fp32; use mode 'lossless'")
-    const = rng == 0
-    step = torch.clamp(rng * eb, min=MIN_STEP)
-    q = torch.round((x - mn.unsqueeze(-1)) / step.unsqueeze(-1))
-    q = q.clamp_(0, levels(eb) - 1).to(symbol_dtype(levels(eb)))
-    return q, mn, torch.where(const, torch.zeros_like(step), step)
+    x = x.detach().to("cpu")
+    nb = x.shape[2] // block_tokens
+    g, m = group_shape(grouping, x.shape, block_tokens)
+    n_levels = levels(eb)
+    symbols = np.empty(nb * g * m, dtype=np.uint8 if n_levels <= 256 else np.uint16)
+    counts = np.zeros(nb, dtype=np.int64)
+    mn = np.zeros((nb, g), dtype=np.float32)
+    step = np.zeros((nb, g), dtype=np.float32)
+    hist = np.zeros((nb, n_levels), dtype=np.int64)
+    acc = np.zeros(3, dtype=np.float64)
+    if nb and g * m:
+        bad = kernels.quantize_blocks(
+            _block_bits(x, block_tokens),
+            _float_kind(x.dtype),
+            _GROUPINGS[grouping],
+            eb,
+            n_levels - 1,
+            symbols,
+            counts,
+            mn,
+            step,
+            hist,
+            acc,
+        )
+        if bad:
+            raise ValueError("non-finite values or a group range beyond fp32; use mode 'lossless'")
+    live = int(counts.sum())
+    return Quantized(
+        symbols[:live], counts, mn, step, hist, float(acc[0]), float(acc[1]), float(acc[2])
+    )
 
 
-def dequantize(
-    q: torch.Tensor, mn: torch.Tensor, step: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """x̂ = mn + q*step in fp32 for q [..., G, m], mn/step [..., G]; cast to `dtype`.
+def dequantize_blocks(
+    symbols: np.ndarray,
+    mn: np.ndarray,
+    step: np.ndarray,
+    grouping: str,
+    n_levels: int,
+    out: torch.Tensor,
+) -> None:
+    """Write x̂ = mn + q*step (fp32, one rounding), clamped to the finite range of out's dtype and
+    rounded to it (nearest even), into out [B, H, nb*T, d] (a CPU fp32/fp16/bf16 tensor, any
+    strides), nb = len(mn).
 
-    Values are clamped to the finite range of `dtype` first: the input was finite there, so the
-    clamp never increases the error and a top level just above a max-range value cannot become inf.
+    symbols: the live groups' symbols of all blocks back to back (1-D uint8/uint16); mn/step:
+    float32 [nb, G]. ValueError when their number does not match the live groups, or naming
+    the first block with a symbol >= n_levels.
     """
-    x = torch.addcmul(mn.unsqueeze(-1), q.to(torch.float32), step.unsqueeze(-1))
-    if dtype != torch.float32:
-        big = torch.finfo(dtype).max
-        x = x.clamp_(-big, big)
-    return x.to(dtype)
+    nb = mn.shape[0]
+    if nb == 0 or out.numel() == 0:
+        return
+    block_tokens = out.shape[2] // nb
+    _, m = group_shape(grouping, tuple(out.shape), block_tokens)
+    need = int((step != 0).sum()) * m
+    if symbols.size != need:
+        raise ValueError(f"{symbols.size} symbols for {need} values of live groups")
+    bad = kernels.dequantize_blocks(
+        symbols,
+        mn,
+        step,
+        _GROUPINGS[grouping],
+        _float_kind(out.dtype),
+        n_levels - 1,
+        _block_bits(out, block_tokens),
+    )
+    if bad >= 0:
+        raise ValueError(f"block {bad}: symbol outside {n_levels} levels")
 
 
 def pack_fixed(symbols: np.ndarray, bits: int) -> bytes:

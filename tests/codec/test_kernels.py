@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvpack.codec import huffman, kernels, quant
+from tests.codec import quant_reference as reference
+from tests.codec.quant_reference import group_k, group_v
 
 
 def reference_huffman(symbols: np.ndarray, counts: list[int], lengths: np.ndarray) -> list[bytes]:
@@ -95,3 +98,86 @@ def test_kernels_compile_without_a_cache_location(monkeypatch: pytest.MonkeyPatc
 
 def test_warm_up_runs() -> None:
     kernels.warm_up()
+
+
+QUANT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def random_blocks(
+    rng: np.random.Generator, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
+    """Values of many magnitudes (up to half the dtype's largest, so ranges fit fp32), ±0, ties
+    and constant groups."""
+    big = torch.finfo(dtype).max / 2
+    scale = 10.0 ** rng.uniform(-40, 40, shape) * rng.standard_normal(shape)
+    x = torch.from_numpy(scale).clamp(-big, big)
+    x[torch.from_numpy(rng.random(shape) < 0.1)] = 0.0
+    x[torch.from_numpy(rng.random(shape) < 0.1)] = -0.0
+    x[:, :, : shape[2] // 3] = 1.25  # whole blocks of constant groups
+    x[:, :, -1] = torch.from_numpy(rng.integers(-3, 4, (shape[0], shape[1], shape[3])) * 0.5)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", QUANT_DTYPES)
+@pytest.mark.parametrize("grouping", ["v", "channel", "block"])
+@pytest.mark.parametrize("eb", [2.0**-12, 0.05, 0.3, 1.0])
+def test_quantize_kernels_equal_torch_reference(
+    dtype: torch.dtype, grouping: str, eb: float
+) -> None:
+    rng = np.random.default_rng(hash((str(dtype), grouping, eb)) % 2**32)
+    for b, h, nb, t, d in [(1, 1, 1, 1, 1), (2, 3, 3, 16, 5), (1, 2, 2, 64, 8), (2, 1, 1, 7, 33)]:
+        x = random_blocks(rng, dtype, (b, h, nb * t, d))
+        if d > 1:  # strided input (channels outermost in memory)
+            x = x.transpose(2, 3).contiguous().transpose(2, 3)
+        groups = group_v(x, t) if grouping == "v" else group_k(x, grouping, t)
+        q, mn, step = reference.quantize(groups.to(torch.float32), eb)
+        got = quant.quantize_blocks(x, grouping, t, eb)
+        live = (step != 0).numpy()
+        # The sign of a zero minimum is unspecified (torch's vectorised amin picks either);
+        # both decode alike, so minima compare by value, steps and symbols bit for bit.
+        assert np.array_equal(got.mn, mn.numpy())
+        assert np.array_equal(got.step.view(np.uint32), step.numpy().view(np.uint32))
+        want = q.numpy().astype(np.int64)[live].reshape(-1)
+        assert np.array_equal(got.symbols.astype(np.int64), want)
+        assert np.array_equal(got.counts, live.sum(axis=1) * groups.shape[-1])
+        levels = quant.levels(eb)
+        hist = np.array(
+            [
+                np.bincount(want_blk, minlength=levels)
+                for want_blk in np.split(want, np.cumsum(got.counts)[:-1])
+            ]
+        )
+        assert np.array_equal(got.hist, hist)
+        # Decoding writes exactly what the torch dequantise + ungroup wrote.
+        ref_x = reference.dequantize(q, mn, step, dtype)
+        out = torch.full_like(x, float("nan"))
+        quant.dequantize_blocks(
+            got.symbols.astype(np.uint16), got.mn, got.step, grouping, levels, out
+        )
+        got_x = group_v(out, t) if grouping == "v" else group_k(out, grouping, t)
+        bits = torch.int32 if dtype == torch.float32 else torch.int16
+        assert torch.equal(got_x.view(bits), ref_x.view(bits))
+        # Error statistics: max |x - x̂| over the decoded values; squares in float64.
+        err = (ref_x.to(torch.float64) - groups.to(torch.float64)).abs()
+        assert got.max_err == (float(err.max()) if err.numel() else 0.0)
+        assert got.sq_err == pytest.approx(float(err.square().sum()), rel=1e-9, abs=0)
+        assert got.sq_norm == pytest.approx(
+            float(groups.to(torch.float64).square().sum()), rel=1e-9
+        )
+
+
+def test_quantize_kernel_rejects_non_finite_and_out_of_range_symbols() -> None:
+    x = torch.ones(1, 1, 4, 2)
+    for bad in (float("inf"), float("nan")):
+        y = x.clone()
+        y[0, 0, 1, 1] = bad
+        with pytest.raises(ValueError, match="non-finite"):
+            quant.quantize_blocks(y, "v", 2, 0.1)
+    y = torch.tensor([-3e38, 3e38]).reshape(1, 1, 1, 2)  # range overflows fp32
+    with pytest.raises(ValueError, match="non-finite"):
+        quant.quantize_blocks(y, "v", 1, 0.1)
+    qz = quant.quantize_blocks(torch.arange(8.0).reshape(1, 1, 4, 2), "v", 2, 0.1)
+    syms = qz.symbols.astype(np.uint16)
+    syms[-1] = 11
+    with pytest.raises(ValueError, match="block 1: symbol outside 11 levels"):
+        quant.dequantize_blocks(syms, qz.mn, qz.step, "v", 11, torch.empty(1, 1, 4, 2))

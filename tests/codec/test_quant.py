@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kvpack.codec import QuantSettings, decode, encode, encode_layer, quant
 from kvpack.codec.layer_codec import encoded_tokens
+from tests.codec.quant_reference import group_k, group_v
 
 HALF_ULP_REL = {torch.float32: 0.0, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
 HALF_ULP_MIN = {torch.float32: 0.0, torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
@@ -38,10 +39,10 @@ def check_bound(x: torch.Tensor, y: torch.Tensor, kind: str, s: QuantSettings) -
         return
     xe, ye = x[:, :, :n_enc], y[:, :, :n_enc]
     if kind == "k":
-        gx = quant.group_k(xe, s.k_grouping, s.block_tokens)
-        gy = quant.group_k(ye, s.k_grouping, s.block_tokens)
+        gx = group_k(xe, s.k_grouping, s.block_tokens)
+        gy = group_k(ye, s.k_grouping, s.block_tokens)
     else:
-        gx, gy = quant.group_v(xe, s.block_tokens), quant.group_v(ye, s.block_tokens)
+        gx, gy = group_v(xe, s.block_tokens), group_v(ye, s.block_tokens)
     eb = s.k_error_bound if kind == "k" else s.v_error_bound
     err = (gx.to(torch.float64) - gy.to(torch.float64)).abs()
     bound = allowed_error(gx, gy, eb, x.dtype)
