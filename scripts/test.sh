@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Sets up .venv (with the dev and hf extras) if needed, then runs the lint, type and test suite.
+# Sets up .venv (with the dev, hf and eval extras) if needed, then runs the lint, type and test suite.
 # Extra arguments go to pytest.
-KVPACK_EXTRAS=dev,hf
+KVPACK_EXTRAS=dev,hf,eval
 source "$(dirname "$0")/env.sh"
 # promtool lints the shipped Prometheus files and a live scrape (Debian package `prometheus`).
 if ! command -v promtool >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
