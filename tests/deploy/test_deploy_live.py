@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kvpack import codec, wire
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests import certs
 from tests.deploy.deploy_support import (  # promtool_fixture provides the `promtool` fixture
     HEALTHCHECK,
     PROMETHEUS_SYNTHETIC,
@@ -347,59 +348,12 @@ def test_two_replicas_share_one_redis_store(replicas: tuple[Served, Served]) -> 
 
 
 def _pki(tmp: Path) -> dict[str, Path]:
-    """A CA and a server certificate it signs (SAN localhost, 127.0.0.1; serverAuth and
-    clientAuth, so the healthcheck may present it under mTLS), as PEM files."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("kvpack test CA"))
-        .issuer_name(name("kvpack test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name("localhost"))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    files = {"ca": tmp / "ca.crt", "cert": tmp / "tls.crt", "key": tmp / "tls.key"}
-    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files["key"].write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return files
+    """A CA and a server certificate it signs (also valid for client use, so the healthcheck
+    may present it under mTLS), as PEM files."""
+    ca = certs.issue("kvpack test CA", ca=True)
+    ca_path, _ = certs.write(tmp, "ca", ca)
+    cert_path, key_path = certs.write(tmp, "tls", certs.issue("localhost", ca))
+    return {"ca": ca_path, "cert": cert_path, "key": key_path}
 
 
 def test_healthcheck_script_speaks_tls_and_mtls(tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ from kvpack import codec, errors
 from kvpack.client import TLS, AsyncKVPackClient
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests import certs
 from tests.server.server_support import fetch, put_requests
-from tests.server.test_auth import _cert, _pem
 
 TOKENS = "alpha:tok-alpha,beta:tok-beta"
 SERVICE = pb.DESCRIPTOR.services_by_name["KVPack"]
@@ -154,21 +154,21 @@ class PKI:
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
-        ca = _cert("kvpack-test-ca", ca=True)
-        rogue = _cert("rogue-ca", ca=True)
-        server = _cert("localhost", issuer=ca)
-        client = _cert("client", issuer=ca)
-        rogue_client = _cert("client", issuer=rogue)
+        ca = certs.issue("kvpack-test-ca", ca=True)
+        rogue = certs.issue("rogue-ca", ca=True)
+        server = certs.issue("localhost", issuer=ca)
+        client = certs.issue("client", issuer=ca)
+        rogue_client = certs.issue("client", issuer=rogue)
         self.files: dict[str, str] = {}
         for name, content in {
-            "ca.pem": _pem(ca[0]),
-            "rogue-ca.pem": _pem(rogue[0]),
-            "server.pem": _pem(server[0]),
-            "server.key": _pem(server[0], server[1]),
-            "client.pem": _pem(client[0]),
-            "client.key": _pem(client[0], client[1]),
-            "rogue-client.pem": _pem(rogue_client[0]),
-            "rogue-client.key": _pem(rogue_client[0], rogue_client[1]),
+            "ca.pem": certs.pem(ca[0]),
+            "rogue-ca.pem": certs.pem(rogue[0]),
+            "server.pem": certs.pem(server[0]),
+            "server.key": certs.pem(server[0], server[1]),
+            "client.pem": certs.pem(client[0]),
+            "client.key": certs.pem(client[0], client[1]),
+            "rogue-client.pem": certs.pem(rogue_client[0]),
+            "rogue-client.key": certs.pem(rogue_client[0], rogue_client[1]),
         }.items():
             (directory / name).write_bytes(content)
             self.files[name] = str(directory / name)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kvpack import codec
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests import certs
 from tests.server.server_support import fetch, put_requests
 
 TOKENS = "alpha:tok-alpha,beta:tok-beta"
@@ -67,57 +66,15 @@ async def test_tokens_and_tenants(start_server: Any, channels: Any) -> None:
     assert [e.key for e in listed.entries] == ["alpha-only", "shared-name"]
 
 
-def _cert(name: str, issuer: Any = None, ca: bool = False) -> tuple[Any, Any]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    signer_cert, signer_key = issuer if issuer else (None, key)
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(signer_cert.subject if signer_cert else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if not ca:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-    return builder.sign(signer_key, hashes.SHA256()), key
-
-
-def _pem(cert: Any, key: Any = None) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    if key is not None:
-        return key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 async def test_tls_and_mtls(start_server: Any, channels: Any, tmp_path: Path) -> None:
-    ca = _cert("kvpack-test-ca", ca=True)
-    srv = _cert("localhost", issuer=ca)
-    cli = _cert("client", issuer=ca)
+    ca = certs.issue("kvpack-test-ca", ca=True)
+    srv = certs.issue("localhost", issuer=ca)
+    cli = certs.issue("client", issuer=ca)
     files = {}
     for name, content in {
-        "ca.pem": _pem(ca[0]),
-        "server.pem": _pem(srv[0]),
-        "server.key": _pem(srv[0], srv[1]),
+        "ca.pem": certs.pem(ca[0]),
+        "server.pem": certs.pem(srv[0]),
+        "server.key": certs.pem(srv[0], srv[1]),
     }.items():
         (tmp_path / name).write_bytes(content)
         files[name] = str(tmp_path / name)
@@ -125,14 +82,14 @@ async def test_tls_and_mtls(start_server: Any, channels: Any, tmp_path: Path) ->
         tls_cert=files["server.pem"], tls_key=files["server.key"], tls_client_ca=files["ca.pem"]
     )
     good = grpc.ssl_channel_credentials(
-        root_certificates=_pem(ca[0]),
-        private_key=_pem(cli[0], cli[1]),
-        certificate_chain=_pem(cli[0]),
+        root_certificates=certs.pem(ca[0]),
+        private_key=certs.pem(cli[0], cli[1]),
+        certificate_chain=certs.pem(cli[0]),
     )
     stub = pb_grpc.KVPackStub(channels(server.address, good))
     assert (await stub.Info(pb.InfoRequest(), timeout=5)).version
     # Without a client certificate the handshake fails (mTLS requires one).
-    anonymous = grpc.ssl_channel_credentials(root_certificates=_pem(ca[0]))
+    anonymous = grpc.ssl_channel_credentials(root_certificates=certs.pem(ca[0]))
     stub = pb_grpc.KVPackStub(channels(server.address, anonymous))
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.Info(pb.InfoRequest(), timeout=3)
