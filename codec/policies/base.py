@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 
 from kvpack.codec.budgets import Budget, uniform_split
-from kvpack.codec.settings import PolicySettings
+from kvpack.codec.policy_settings import PolicySettings
 from kvpack.codec.stats import reduce_gqa
 
 

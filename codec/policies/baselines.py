@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from kvpack.codec.budgets import pyramid_split
 from kvpack.codec.policies.base import EvictionInput, Policy
-from kvpack.codec.settings import PolicySettings
+from kvpack.codec.policy_settings import PolicySettings
 from kvpack.codec.stats import reduce_gqa
 
 

@@ -15,7 +15,7 @@ import torch
 
 from kvpack.codec.budgets import top_counts, uniform_split
 from kvpack.codec.policies.base import EvictionInput, Policy, positions_from_order
-from kvpack.codec.settings import PolicySettings
+from kvpack.codec.policy_settings import PolicySettings
 
 # kvpress's floor bonus; large enough to outrank any attention-derived score.
 FLOOR_BONUS = 1e9
