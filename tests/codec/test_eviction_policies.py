@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from kvpack.codec import POLICIES, select
 from kvpack.codec.budgets import pyramid_split, uniform_split
 from kvpack.codec.policies.kvcompose import KVComposeSettings
-from kvpack.codec.settings import PolicySettings
+from kvpack.codec.policy_settings import PolicySettings
 
 
 def test_registry_names() -> None:
