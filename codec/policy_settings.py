@@ -12,42 +12,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
-
-
-def _coerce(name: str, kind: type, raw: object) -> object:
-    """Convert one setting to `kind`; strings are parsed, other values must already fit."""
-    if kind is bool:
-        if isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
-            return raw.strip().lower() in _TRUE
-        raise ValueError(f"setting {name!r} must be a boolean (true/false), got {raw!r}")
-    if kind is int:
-        # bool is an int subclass; "true" for a count is almost certainly a mistake.
-        if isinstance(raw, int) and not isinstance(raw, bool):
-            return raw
-        if isinstance(raw, str):
-            try:
-                return int(raw.strip(), 10)
-            except ValueError:
-                pass
-        raise ValueError(f"setting {name!r} must be an integer, got {raw!r}")
-    if kind is float:
-        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            return float(raw)
-        if isinstance(raw, str):
-            try:
-                return float(raw.strip())
-            except ValueError:
-                pass
-        raise ValueError(f"setting {name!r} must be a number, got {raw!r}")
-    if kind is str:
-        if isinstance(raw, str):
-            return raw.strip()
-        raise ValueError(f"setting {name!r} must be a string, got {raw!r}")
-    raise TypeError(f"setting {name!r} has unsupported type {kind!r}")
+from kvpack.codec.coerce import coerce_setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +46,7 @@ class PolicySettings:
             known = sorted(fields) or "none"
             raise ValueError(f"unknown setting {unknown[0]!r} for {cls.__name__} (known: {known})")
         kwargs: dict[str, Any] = {
-            name: _coerce(name, hints[name], raw) for name, raw in mapping.items()
+            name: coerce_setting(name, hints[name], raw) for name, raw in mapping.items()
         }
         return cls(**kwargs)
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
+
+from kvpack.codec.coerce import coerce_setting
 
 MODES = ("lossy", "fixed", "lossless")
 K_GROUPINGS = ("channel", "block")
@@ -73,16 +76,16 @@ class QuantSettings:
     def from_mapping(cls, mapping: Mapping[str, object]) -> Self:
         """Settings from a name -> value mapping (values may be strings); unknown names and
         unparsable values raise ValueError naming the field. The result is validated."""
-        fields = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - set(fields))
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - fields)
         if unknown:
             raise ValueError(
                 f"unknown quantisation setting {unknown[0]!r}; known: {sorted(fields)}"
             )
-        kwargs: dict[str, Any] = {}
-        for name, raw in mapping.items():
-            kind = fields[name]
-            kwargs[name] = _coerce(name, kind if isinstance(kind, str) else kind.__name__, raw)
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {
+            name: coerce_setting(name, hints[name], raw) for name, raw in mapping.items()
+        }
         out = cls(**kwargs)
         out.validate()
         return out
@@ -90,28 +93,3 @@ class QuantSettings:
 
 def _to_str(value: object) -> str:
     return repr(value) if isinstance(value, float) else str(value)
-
-
-def _coerce(name: str, kind: str, raw: object) -> object:
-    if isinstance(raw, bool):
-        raise ValueError(f"{name} must be a {kind}, got {raw!r}")
-    if kind == "str":
-        if isinstance(raw, str):
-            return raw.strip()
-    elif kind == "int":
-        if isinstance(raw, int):
-            return raw
-        if isinstance(raw, str):
-            try:
-                return int(raw.strip(), 10)
-            except ValueError:
-                pass
-    elif kind == "float":
-        if isinstance(raw, (int, float)):
-            return float(raw)
-        if isinstance(raw, str):
-            try:
-                return float(raw.strip())
-            except ValueError:
-                pass
-    raise ValueError(f"{name} must be a {kind}, got {raw!r}")

@@ -1,0 +1,44 @@
+"""Typed values from settings that may arrive as strings off the wire ("64", "true", "0.05").
+
+Shared by the eviction policies' and the quantisation settings' ``from_mapping``, so both accept
+and reject exactly the same spellings.
+"""
+
+from __future__ import annotations
+
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
+def coerce_setting(name: str, kind: type, raw: object) -> object:
+    """Convert one setting to `kind`; strings are parsed, other values must already fit."""
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise ValueError(f"setting {name!r} must be a boolean (true/false), got {raw!r}")
+    if kind is int:
+        # bool is an int subclass; "true" for a count is almost certainly a mistake.
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str):
+            try:
+                return int(raw.strip(), 10)
+            except ValueError:
+                pass
+        raise ValueError(f"setting {name!r} must be an integer, got {raw!r}")
+    if kind is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+        if isinstance(raw, str):
+            try:
+                return float(raw.strip())
+            except ValueError:
+                pass
+        raise ValueError(f"setting {name!r} must be a number, got {raw!r}")
+    if kind is str:
+        if isinstance(raw, str):
+            return raw.strip()
+        raise ValueError(f"setting {name!r} must be a string, got {raw!r}")
+    raise TypeError(f"setting {name!r} has unsupported type {kind!r}")
