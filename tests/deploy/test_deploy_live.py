@@ -45,6 +45,7 @@ from tests.deploy.deploy_support import (  # promtool_fixture provides the `prom
     promtool_path,
     rule_expressions,
 )
+from tests.server.server_support import compress_requests, header
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 TIMEOUT = 30.0
@@ -93,42 +94,18 @@ def random_cache(
 def compress(target: str, key: str) -> pb.CompressSummary:
     """One real Compress stream (KVCompose, half the tokens, lossy store) of a random cache."""
     keys, values, scores = random_cache()
-    _, heads, seq, dim = keys[0].shape
-    header = pb.CompressHeader(
-        layout=pb.Layout(
-            num_layers=len(keys),
-            batch_size=1,
-            num_kv_heads=heads,
-            num_query_heads=heads,
-            head_dim=dim,
-            seq_len=seq,
-            dtype=pb.DTYPE_FLOAT32,
-        ),
-        policy="kvcompose",
+    h = header(
+        keys,
+        keys[0].shape[1],
         ratio=0.5,
         quant=pb.QuantSettings(mode="lossy"),
         store=True,
         key=key,
     )
-
-    def tensor(kind: int, layer: int, t: torch.Tensor) -> Iterator[pb.CompressRequest]:
-        for m in wire.iter_tensor_messages(kind, layer, t):
-            if isinstance(m, pb.TensorBegin):
-                yield pb.CompressRequest(begin=m)
-            else:
-                yield pb.CompressRequest(chunk=m)
-
-    def requests() -> Iterator[pb.CompressRequest]:
-        yield pb.CompressRequest(header=header)
-        yield from tensor(pb.TENSOR_KIND_SCORES, 0, scores)
-        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
-            yield from tensor(pb.TENSOR_KIND_KEYS, layer, k)
-            yield from tensor(pb.TENSOR_KIND_VALUES, layer, v)
-        yield pb.CompressRequest(finish=pb.Finish())
-
+    requests = compress_requests(h, scores, keys, values)
     summaries = [
         r.summary
-        for r in stub(target).Compress(requests(), timeout=TIMEOUT)
+        for r in stub(target).Compress(requests, timeout=TIMEOUT)
         if r.WhichOneof("msg") == "summary"
     ]
     assert len(summaries) == 1
