@@ -16,8 +16,10 @@ values, answered in order of appearance), ``multiquery`` (several keys asked at 
 ``vartrack`` (``VAR x EQ value`` then ``VAR y EQ x`` chains; answer every variable in the chain
 of the queried value), ``cwe`` (common-word extraction: the few words that each occur far more
 often than any other, in order of first appearance) and ``fwe`` (frequent-word extraction: the
-three most frequent words of a Zipf-distributed text, most frequent first). ``copy`` is a
-training-only warm-up: random chunks each repeated, answer = continuation of the repetition.
+three most frequent words of a Zipf-distributed text, most frequent first). Two families are
+training-only: ``repeat`` (one random chunk of 4-24 words repeated to fill the prompt; the
+warm-up in which induction heads form) and ``copy`` (random chunks each repeated a few times);
+in both the answer continues the last repetition.
 
 ``Example.lm_mask`` marks the prompt positions whose token is fair game for a language-model
 loss: filler and needle syntax, never the random key/value tokens (training on those teaches the
@@ -54,7 +56,7 @@ RETRIEVAL_FAMILIES = (
     "multiquery",
 )
 FAMILIES = (*RETRIEVAL_FAMILIES, "vartrack", "cwe", "fwe")
-TRAIN_ONLY_FAMILIES = ("copy",)
+TRAIN_ONLY_FAMILIES = ("copy", "repeat")
 
 # Default number of distractor needles (or chains for vartrack), clamped to what fits in half
 # the haystack so short contexts stay mostly haystack.
@@ -355,6 +357,20 @@ def _copy(length: int, rng: np.random.Generator) -> Example:
     return _finish("copy", length, body, [Q_CONTINUE], seq[n:])
 
 
+def _repeat(length: int, rng: np.random.Generator) -> Example:
+    """One random chunk of 4-24 words repeated; continue the repetition for 4 tokens.
+
+    Every token after the first period is predictable only by matching the previous occurrence
+    of the current token and copying its successor, and the period varies, so a fixed
+    positional offset does not solve it: the quickest circuit to learn it is an induction head.
+    """
+    n = length - 4  # BOS, QUERY, Q_CONTINUE, ANSWER
+    seq = [int(t) for t in np.resize(_words(rng, int(rng.integers(4, 25))), n + 4)]
+    body = _Builder()
+    body.add(seq[:n], lm=True)
+    return _finish("repeat", length, body, [Q_CONTINUE], seq[n:])
+
+
 def make_example(
     task: str, length: int, rng: np.random.Generator, distractors: int | None = None
 ) -> Example:
@@ -373,6 +389,8 @@ def make_example(
         return _fwe(length, rng)
     if task == "copy":
         return _copy(length, rng)
+    if task == "repeat":
+        return _repeat(length, rng)
     raise ValueError(f"unknown task {task!r}; known: {(*FAMILIES, *TRAIN_ONLY_FAMILIES)}")
 
 

@@ -1,9 +1,13 @@
 """Train kvpack's reference Llama on RULER-style tasks with a length curriculum (CPU).
 
-``python -m kvpack.eval.train --out eval/reference --steps 3000 --max-minutes 45``
+``python -m kvpack.eval.train --out eval/reference --max-minutes 70``
 
 Recipe (what made a ~1M-parameter model learn retrieval on CPU):
-- a short warm-up on repeated random chunks, so induction (match-and-copy) heads form first;
+- a warm-up on one random chunk repeated (``repeat`` at ``--warmup-length`` tokens) until the
+  answer loss shows an induction (match-and-copy) circuit has formed (EMA < ``--warmup-gate``),
+  capped at ``--warmup-fraction`` of the run. Measured here: at lr 1e-3 it forms after ~1 M
+  tokens; at 3e-3 the loss sat on the unigram plateau (ln 384 = 5.95) for 3 M tokens and more,
+  which is why the default peak lr is 1e-3;
 - loss = cross-entropy on the answer tokens + ``lm_weight`` x LM loss on filler (which contains
   copied spans) and needle syntax, never on the random key/value tokens inside needles;
 - a curriculum over lengths (128 -> ... -> ``--lengths[-1]``) gated on competence: the run moves
@@ -11,11 +15,11 @@ Recipe (what made a ~1M-parameter model learn retrieval on CPU):
   current length) reaches ``--gate``, so a slow, shared CPU never outruns what the model has
   learned. Each step is ~``tokens-per-step`` tokens, half at the current length and half at an
   earlier one so short lengths are not forgotten.
-The copy warm-up and cosine LR follow progress = max(step / steps, elapsed / max-minutes): on an
-idle CPU the run is step-bound; on a busy, shared CPU the wall-clock cap takes over so the LR decay
-still completes (with fewer steps, recorded in ``train_state.json``). Every
-``--checkpoint-minutes`` the monitor runs and a checkpoint (``save_pretrained`` +
-``train_state.json``) is written. ``--init`` continues from an earlier checkpoint's weights.
+The cosine LR follows progress = max(step / steps, elapsed / max-minutes): on an idle CPU the run
+may be step-bound; on a busy, shared CPU the wall-clock cap takes over so the LR decay still
+completes (with fewer steps, recorded in ``train_state.json``). Every ``--checkpoint-minutes`` the
+monitor runs and a checkpoint (``save_pretrained`` + ``train_state.json``) is written. ``--init``
+continues from an earlier checkpoint's weights (and skips the warm-up).
 """
 
 from __future__ import annotations
@@ -54,10 +58,8 @@ def pick_length(stage: int, lengths: Sequence[int], rng: np.random.Generator) ->
     return int(rng.integers(base * 3 // 4, base + 1))
 
 
-def pick_family(warmup: bool, rng: np.random.Generator) -> str:
-    """Copy during the warm-up; afterwards every family at ``FAMILY_WEIGHTS``."""
-    if warmup:
-        return "copy"
+def pick_family(rng: np.random.Generator) -> str:
+    """A family for one training example, at ``FAMILY_WEIGHTS`` (1 where not listed)."""
     families = [*FAMILIES, "copy"]
     weights = np.array([FAMILY_WEIGHTS.get(f, 1.0) for f in families])
     return str(rng.choice(families, p=weights / weights.sum()))
@@ -113,11 +115,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--max-minutes", type=float, default=45.0)
+    p.add_argument("--steps", type=int, default=100_000)
+    p.add_argument("--max-minutes", type=float, default=70.0)
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
-    p.add_argument("--tokens-per-step", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--tokens-per-step", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--lm-weight", type=float, default=0.5)
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
@@ -129,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--warmup-fraction", type=float, default=0.06, help="of progress, copy only")
+    p.add_argument("--warmup-length", type=int, default=64, help="prompt length of the warm-up")
+    p.add_argument("--warmup-gate", type=float, default=0.3, help="answer-loss EMA to end it")
+    p.add_argument("--warmup-fraction", type=float, default=0.25, help="cap, of progress")
     p.add_argument("--gate", type=float, default=0.8, help="monitor accuracy to lengthen")
     p.add_argument("--init", type=Path, default=None, help="start from these weights")
     p.add_argument("--checkpoint-minutes", type=float, default=2.0)
@@ -164,20 +168,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     step = 0
     stage = 0
     ema: dict[str, float] = {}
+    warmup = args.init is None
     bar = tqdm(total=args.steps, mininterval=15, smoothing=0.05)
     while True:
         elapsed = time.monotonic() - start
         progress = max(step / args.steps, elapsed / (60 * args.max_minutes))
         if progress >= 1:
             break
-        warmup = progress < args.warmup_fraction
-        length = pick_length(0 if warmup else stage, args.lengths, rng)
-        batch = [
-            make_example(fam, length, rng, sample_distractors(fam, length, rng))
-            for fam in (
-                pick_family(warmup, rng) for _ in range(max(1, args.tokens_per_step // length))
-            )
-        ]
+        if warmup and (progress >= args.warmup_fraction or ema.get("ans", 99.0) < args.warmup_gate):
+            warmup = False
+            ema.clear()  # the losses of the task mix are not comparable with the warm-up's
+            bar.write(f"warm-up done at step {step}, {tokens} tokens", end="\n")
+        length = args.warmup_length if warmup else pick_length(stage, args.lengths, rng)
+        n_examples = max(1, args.tokens_per_step // length)
+        families = (
+            ["repeat"] * n_examples if warmup else [pick_family(rng) for _ in range(n_examples)]
+        )
+        batch = [make_example(f, length, rng, sample_distractors(f, length, rng)) for f in families]
         ids, answer_mask, lm_mask = collate(batch)
         for group in opt.param_groups:
             group["lr"] = lr_at(progress, args.lr)
@@ -207,8 +214,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         now = time.monotonic()
         if now - last_ckpt > 60 * args.checkpoint_minutes:
             accs_length = args.lengths[stage]
-            accs = monitor(model, accs_length, args.monitor_samples)
-            promoted = not warmup and min(accs.values()) >= args.gate
+            accs = {} if warmup else monitor(model, accs_length, args.monitor_samples)
+            promoted = bool(accs) and min(accs.values()) >= args.gate
             if promoted and stage + 1 < len(args.lengths):
                 stage += 1
             state = {
@@ -216,6 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "tokens": tokens,
                 "elapsed_s": round(now - start),
                 "progress": round(progress, 4),
+                "warmup": warmup,
                 "monitor_length": accs_length,
                 "next_length": args.lengths[stage],
                 "ema_answer_loss": ema["ans"],

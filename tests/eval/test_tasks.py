@@ -151,8 +151,9 @@ def test_fwe_answer_is_top_words_by_frequency(length: int) -> None:
         assert len({c for _, c in ranked}) == N_COMMON + 1  # strictly decreasing counts
 
 
-def test_copy_answer_continues_repetition() -> None:
-    for ex in make_examples("copy", 256, 5, seed=10):
+@pytest.mark.parametrize("task", TRAIN_ONLY_FAMILIES)
+def test_copy_answer_continues_repetition(task: str) -> None:
+    for ex in make_examples(task, 256, 5, seed=10):
         body = ex.prompt[1:-3]  # strip BOS and QUERY, Q_CONTINUE, ANSWER
         # Some period p of the final repetition predicts every answer token.
         seq = body + ex.answer
