@@ -487,7 +487,7 @@ def _quantize_tile(
                 _quantize_one(buf, t, c, mn, st, src, qmax, q, err_max, err_sq, norm)
 
 
-@njit(nogil=True, error_model="numpy", inline="always")
+@njit(nogil=True, error_model="numpy")
 def _quantize_one(
     buf: np.ndarray,
     t: int,
