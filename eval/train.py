@@ -135,6 +135,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--warmup-gate", type=float, default=0.3, help="answer-loss EMA to end it")
     p.add_argument("--warmup-fraction", type=float, default=0.25, help="cap, of progress")
     p.add_argument("--gate", type=float, default=0.8, help="monitor accuracy to lengthen")
+    p.add_argument(
+        "--gate-families",
+        nargs="+",
+        default=list(MONITOR_FAMILIES),
+        choices=MONITOR_FAMILIES,
+        help="monitored families that must all reach --gate",
+    )
     p.add_argument("--init", type=Path, default=None, help="start from these weights")
     p.add_argument("--checkpoint-minutes", type=float, default=2.0)
     p.add_argument("--monitor-samples", type=int, default=16)
@@ -215,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if now - last_ckpt > 60 * args.checkpoint_minutes:
             accs_length = args.lengths[stage]
             accs = {} if warmup else monitor(model, accs_length, args.monitor_samples)
-            promoted = bool(accs) and min(accs.values()) >= args.gate
+            promoted = bool(accs) and min(accs[f] for f in args.gate_families) >= args.gate
             if promoted and stage + 1 < len(args.lengths):
                 stage += 1
             state = {
