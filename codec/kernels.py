@@ -736,48 +736,71 @@ def dequantize_blocks(
     block holding a symbol > qmax (its output is then partly written).
     """
     nb, nbatch, nheads, t_len, d = out.shape
+    buf = np.empty((t_len, d), dtype=np.float32)
+    buf_t = np.empty((d, t_len), dtype=np.float32)  # K channel groups: one row per channel
     r = 0
     for blk in range(nb):
         top = 0
-        if grouping == GROUP_K_CHANNEL:
-            for b in range(nbatch):
-                for h in range(nheads):
-                    tile = out[blk, b, h]
+        for b in range(nbatch):
+            for h in range(nheads):
+                # Reconstruct one [T, d] tile into a contiguous fp32 buffer, then narrow it to
+                # `dst` in one loop: writing each value straight into the strided output did
+                # not vectorise.
+                if grouping == GROUP_K_CHANNEL:
                     g0 = (b * nheads + h) * d
                     for c in range(d):
-                        lo = mn[blk, g0 + c]
                         st = step[blk, g0 + c]
                         if st != 0:
-                            for t in range(t_len):
-                                s = syms[r + t]
-                                top = max(top, s)
-                                tile[t, c], _ = _store_value(_fma32(np.float32(s), st, lo), dst)
+                            top = max(
+                                top, _fill(syms[r : r + t_len], st, mn[blk, g0 + c], buf_t[c])
+                            )
                             r += t_len
                         else:
-                            bits, _ = _store_value(_fma32(np.float32(0.0), st, lo), dst)
-                            for t in range(t_len):
-                                tile[t, c] = bits
-        else:
-            for b in range(nbatch):
-                for h in range(nheads):
+                            buf_t[c] = _fma32(np.float32(0.0), st, mn[blk, g0 + c])
+                    buf[:] = buf_t.T
+                else:
                     for t in range(t_len):
-                        row = out[blk, b, h, t]
                         g = b if grouping == GROUP_K_BLOCK else (b * nheads + h) * t_len + t
-                        lo = mn[blk, g]
                         st = step[blk, g]
                         if st != 0:
-                            for c in range(d):
-                                s = syms[r + c]
-                                top = max(top, s)
-                                row[c], _ = _store_value(_fma32(np.float32(s), st, lo), dst)
+                            top = max(top, _fill(syms[r : r + d], st, mn[blk, g], buf[t]))
                             r += d
                         else:
-                            bits, _ = _store_value(_fma32(np.float32(0.0), st, lo), dst)
-                            for c in range(d):
-                                row[c] = bits
+                            buf[t] = _fma32(np.float32(0.0), st, mn[blk, g])
+                _narrow(buf, dst, out[blk, b, h])
         if top > qmax:
             return blk
     return -1
+
+
+@njit(nogil=True, error_model="numpy")
+def _fill(syms: np.ndarray, st: np.float32, lo: np.float32, dst: np.ndarray) -> int:
+    """dst[i] = lo + syms[i] * st (fp32, one rounding); returns max(syms)."""
+    top = 0
+    for i in range(syms.shape[0]):
+        s = syms[i]
+        top = max(top, int(s))
+        dst[i] = _fma32(np.float32(s), st, lo)
+    return top
+
+
+@njit(nogil=True, error_model="numpy")
+def _narrow(buf: np.ndarray, dst: int, out: np.ndarray) -> None:
+    """out[t, c] = bits of buf[t, c] (fp32 [T, m]) in float kind `dst`, as _store_value; one
+    loop per kind so the kind test is outside the loop."""
+    t_len, m = buf.shape
+    if dst == FP32:
+        for t in range(t_len):
+            for c in range(m):
+                out[t, c] = _store_value(buf[t, c], FP32)[0]
+    elif dst == BF16:
+        for t in range(t_len):
+            for c in range(m):
+                out[t, c] = _store_value(buf[t, c], BF16)[0]
+    else:
+        for t in range(t_len):
+            for c in range(m):
+                out[t, c] = _store_value(buf[t, c], FP16)[0]
 
 
 def warm_up() -> None:
