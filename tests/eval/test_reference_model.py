@@ -1,8 +1,8 @@
-"""The committed reference model loads with plain transformers; how much it retrieves.
+"""The committed reference model loads with plain transformers and retrieves single needles.
 
-The committed checkpoint did NOT learn retrieval within the CPU share its training run got (see
-eval/reference/README.md): it only learned the answer format. The retrieval test is therefore a
-strict xfail, so it turns into a failure (and the marker must go) once a trained model lands.
+It did not learn key matching (multi-key stays near chance, see eval/reference/README.md), so
+that case is a strict xfail: it turns into a failure, and the marker must go, once a model that
+does lands.
 """
 
 from __future__ import annotations
@@ -40,17 +40,24 @@ def test_loads_with_auto_model() -> None:
 
 
 def test_answers_with_value_tokens(model: PreTrainedModel) -> None:
-    """What the committed checkpoint did learn: a needle question is answered with values."""
+    """A needle question is answered with value tokens (the answer format)."""
     assert not model.training
     examples = make_examples("single_filler", 256, 5, seed=42)
     out = greedy_generate(model, torch.tensor([ex.prompt for ex in examples]), 2)
     assert bool(((out >= NUM_LO) & (out < NUM_HI)).all())
 
 
-@pytest.mark.xfail(
-    strict=True, reason="committed checkpoint stuck before induction heads formed (model card)"
+@pytest.mark.parametrize(
+    "task",
+    [
+        "single_filler",
+        "single_repeat",
+        pytest.param(
+            "multikey",
+            marks=pytest.mark.xfail(strict=True, reason="no key matching learned (model card)"),
+        ),
+    ],
 )
-@pytest.mark.parametrize("task", ["single_filler", "single_repeat", "multikey"])
 def test_answers_short_examples(model: PreTrainedModel, task: str) -> None:
     examples = make_examples(task, 256, 5, seed=42)
     assert sum(correct(model, examples)) >= THRESHOLD
