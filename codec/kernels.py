@@ -459,6 +459,7 @@ def _quantize_tile(
     buf: np.ndarray,
     lo: np.ndarray,
     step: np.ndarray,
+    by_col: bool,
     src: int,
     qmax: int,
     q: np.ndarray,
@@ -467,7 +468,7 @@ def _quantize_tile(
     norm: np.ndarray,
 ) -> None:
     """q[t, c] = symbol of buf[t, c] (fp32 [T, m]) in its group, whose (min, step) are lo[g],
-    step[g] with g = c when lo has m entries (K channel groups) else g = t (V token groups);
+    step[g] with g = c when by_col (K channel groups) else g = t (V token groups);
     constant groups (step 0) get symbol 0, which decodes to their value exactly. Folds the
     reconstruction error as decoded (in kind `src`) into the per-column accumulators err_max,
     err_sq and the squares of the input into norm (float64 [m]): element-wise over c, so the
@@ -475,7 +476,7 @@ def _quantize_tile(
     t_len, m = buf.shape
     # Two loops rather than one with a per-element group choice: each must see contiguous
     # (K: per column) or loop-invariant (V: per row) group parameters to vectorise.
-    if lo.shape[0] == m:
+    if by_col:
         for t in range(t_len):
             for c in range(m):
                 _quantize_one(buf, t, c, lo[c], step[c], src, qmax, q, err_max, err_sq, norm)
@@ -669,8 +670,9 @@ def quantize_blocks(
                     st[g] = s
                     mn[blk, g0 + g] = lo[g]
                     step[blk, g0 + g] = s
-                _quantize_tile(buf, lo, st, src, qmax, q, err_max, err_sq, norm)
-                w = _emit_symbols(q, st, grouping == GROUP_K_CHANNEL, syms, w, hist4)
+                by_col = grouping == GROUP_K_CHANNEL
+                _quantize_tile(buf, lo, st, by_col, src, qmax, q, err_max, err_sq, norm)
+                w = _emit_symbols(q, st, by_col, syms, w, hist4)
         for k in range(4):
             for sym in range(qmax + 1):
                 hist[blk, sym] += hist4[k, sym]

@@ -125,7 +125,15 @@ def test_quantize_kernels_equal_torch_reference(
     dtype: torch.dtype, grouping: str, eb: float
 ) -> None:
     rng = np.random.default_rng(hash((str(dtype), grouping, eb)) % 2**32)
-    for b, h, nb, t, d in [(1, 1, 1, 1, 1), (2, 3, 3, 16, 5), (1, 2, 2, 64, 8), (2, 1, 1, 7, 33)]:
+    # (.., 32, 32): a square tile, where token and channel groups have the same count.
+    shapes = [
+        (1, 1, 1, 1, 1),
+        (2, 3, 3, 16, 5),
+        (1, 2, 2, 64, 8),
+        (2, 1, 1, 7, 33),
+        (1, 2, 2, 32, 32),
+    ]
+    for b, h, nb, t, d in shapes:
         x = random_blocks(rng, dtype, (b, h, nb * t, d))
         if d > 1:  # strided input (channels outermost in memory)
             x = x.transpose(2, 3).contiguous().transpose(2, 3)
