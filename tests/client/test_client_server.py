@@ -155,8 +155,10 @@ def test_failed_uploads_are_never_stored(server: ServerThread, client: KVPackCli
 
 
 def test_deadline_exceeded_stores_nothing(server: ServerThread) -> None:
-    scores, keys, values = make_cache(layers=4, n=2048, d=64, seed=6)
-    hasty = KVPackClient(server.address, timeout=0.05, timeout_per_mib=0.0)
+    # 32 MiB of K+V against a 20 ms deadline: no machine uploads, evicts and encodes that in
+    # time (a 4 MiB cache against 50 ms stopped failing once the codec got faster).
+    scores, keys, values = make_cache(layers=8, hkv=4, hq=8, n=2048, d=128, seed=6)
+    hasty = KVPackClient(server.address, timeout=0.02, timeout_per_mib=0.0)
     with hasty, pytest.raises(errors.DeadlineExceeded):
         hasty.compress(keys, values, scores=scores, ratio=0.5, key="t/late")
     time.sleep(0.3)
