@@ -429,11 +429,13 @@ def _payload(
     return data
 
 
-def _check_entry(view: memoryview, header: ContainerHeader, e: LayerEntry) -> None:
-    """Checksums and structure of every section of one layer (no tensor decoding)."""
+def _check_entry(view: memoryview, header: ContainerHeader, e: LayerEntry) -> dict[str, memoryview]:
+    """Checksums and structure of every section of one layer (no tensor decoding); returns the
+    checked payloads by section name."""
     s = header.settings
+    payloads: dict[str, memoryview] = {}
     for name, ref in e.named_sections():
-        data = _payload(view, header, e.layer, name, ref)
+        data = payloads[name] = _payload(view, header, e.layer, name, ref)
         try:
             if name.startswith(("K block", "V block")):
                 kind = name[0].lower()
@@ -452,6 +454,7 @@ def _check_entry(view: memoryview, header: ContainerHeader, e: LayerEntry) -> No
             raise
         except ValueError as err:
             raise FormatError(f"layer {e.layer} {name}: {err}") from None
+    return payloads
 
 
 def verify(blob: bytes | bytearray | memoryview) -> ContainerHeader:
@@ -486,8 +489,7 @@ def decode(
     view = memoryview(blob)
     out = DecodedCache([], [], [], [], header)
     for e in _select(header, layers):
-        _check_entry(view, header, e)
-        sec = {name: _payload(view, header, e.layer, name, ref) for name, ref in e.named_sections()}
+        sec = _check_entry(view, header, e)  # every section checksummed and checked once
         try:
             k = decode_stream(
                 "k",

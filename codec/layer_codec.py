@@ -311,20 +311,6 @@ def check_block(
     return count
 
 
-def _block_metadata(blocks: list[tuple[str, memoryview]], g: int) -> np.ndarray:
-    """Group minima and steps of every block (float32 [nb, 2g]: minima then steps), checked:
-    ValueError naming the first block that is too short, or has a non-finite minimum or step or
-    a negative step."""
-    for i, (_, p) in enumerate(blocks):
-        if len(p) < 8 * g:
-            raise ValueError(f"block {i}: {len(p)} bytes cannot hold {g} group minima and steps")
-    meta = np.stack([np.frombuffer(p, dtype="<f4", count=2 * g) for _, p in blocks])
-    bad = ~np.isfinite(meta).all(axis=1) | (meta[:, g:] < 0).any(axis=1)
-    if bad.any():
-        raise ValueError(f"block {int(np.argmax(bad))}: non-finite group minimum or negative step")
-    return meta
-
-
 def decode_stream(
     kind: str,
     blocks: list[tuple[str, memoryview]],
@@ -336,7 +322,9 @@ def decode_stream(
     device: torch.device | str | None,
 ) -> torch.Tensor:
     """Decode one stream to a tensor of `shape` [B, H, n, d] and `dtype` on `device`.
-    Sections must already be checksum-verified; ValueError subclasses on inconsistencies."""
+    Blocks must already have passed check_block (container.decode checks every section before
+    decoding any): their metadata and coder framing are not checked again here. Huffman codes
+    and symbol ranges are checked while decoding; ValueError subclasses on inconsistencies."""
     b, h, n, d = shape
     t = settings.block_tokens
     nb = len(blocks)
@@ -357,18 +345,11 @@ def decode_stream(
         whole = torch.cat([*parts, tail], dim=2)
         return whole if device is None else whole.to(device)
     g, m = group_count(kind, shape, settings)
-    meta = _block_metadata(blocks, g)
+    meta = np.stack([np.frombuffer(p, dtype="<f4", count=2 * g) for _, p in blocks])
     n_levels = quant.levels(_error_bound(kind, settings))
     lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
     # Live groups have a non-zero step; only they carry symbols.
     counts = ((meta[:, g:] != 0).sum(axis=1) * m).tolist()
-    for i, (coder, p) in enumerate(blocks):
-        if (coder == "fixed") != (settings.mode == "fixed"):
-            raise ValueError(
-                f"block {i}: coder {coder!r} does not belong to mode {settings.mode!r}"
-            )
-        if coder != "huffman":  # the Huffman decoder checks its framing in its own pass
-            entropy.check_symbol_block(coder, p[8 * g :], counts[i], n_levels, lengths)
     syms = entropy.decode_symbol_blocks(
         [c for c, _ in blocks], [p[8 * g :] for _, p in blocks], counts, n_levels, lengths
     )
