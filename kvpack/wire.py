@@ -119,7 +119,14 @@ def iter_tensor_messages(
     ``kind`` is a ``kvpack.v1.TensorKind``; ``layer`` is 0 for tensors that span all layers.
     """
     data = tensor_bytes(tensor)
-    yield pb.TensorBegin(
+    yield tensor_begin(kind, layer, tensor, data)
+    yield from iter_chunks(data, chunk_bytes)
+
+
+def tensor_begin(kind: int, layer: int, tensor: torch.Tensor, data: memoryview) -> pb.TensorBegin:
+    """The ``TensorBegin`` announcing ``tensor``, whose bytes (:func:`tensor_bytes`) are
+    ``data``."""
+    return pb.TensorBegin(
         kind=kind,  # type: ignore[arg-type]
         layer=layer,
         dtype=dtype_from_torch(tensor.dtype),  # type: ignore[arg-type]
@@ -127,7 +134,6 @@ def iter_tensor_messages(
         nbytes=len(data),
         crc32=zlib.crc32(data),
     )
-    yield from iter_chunks(data, chunk_bytes)
 
 
 def serialize(message: Message | bytes) -> bytes:
@@ -188,15 +194,7 @@ def tensor_frames(
     ``CompressResponse``) and serialised; the CRC-32 is computed once, from the tensor's own
     memory."""
     data = tensor_bytes(tensor)
-    begin = pb.TensorBegin(
-        kind=kind,  # type: ignore[arg-type]
-        layer=layer,
-        dtype=dtype_from_torch(tensor.dtype),  # type: ignore[arg-type]
-        shape=list(tensor.shape),
-        nbytes=len(data),
-        crc32=zlib.crc32(data),
-    )
-    yield message_type(begin=begin).SerializeToString()
+    yield message_type(begin=tensor_begin(kind, layer, tensor, data)).SerializeToString()
     yield from blob_frames(message_type, data, chunk_bytes=chunk_bytes)
 
 
