@@ -98,13 +98,7 @@ def encoded_tokens(n: int, window: int, block_tokens: int) -> int:
 
 def group_count(kind: str, shape: tuple[int, ...], settings: QuantSettings) -> tuple[int, int]:
     """(groups per block G, values per group m) of stream `kind` ("k"/"v") for shape [B,H,n,d]."""
-    b, h, _, d = shape
-    t = settings.block_tokens
-    if kind == "v":
-        return b * h * t, d
-    if settings.k_grouping == "channel":
-        return b * h * d, t
-    return b, h * t * d
+    return quant.group_shape(_grouping(kind, settings), shape, settings.block_tokens)
 
 
 def _grouping(kind: str, settings: QuantSettings) -> str:
