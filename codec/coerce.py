@@ -6,6 +6,11 @@ and reject exactly the same spellings.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from collections.abc import Mapping
+from typing import Any
+
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
@@ -42,3 +47,16 @@ def coerce_setting(name: str, kind: type, raw: object) -> object:
             return raw.strip()
         raise ValueError(f"setting {name!r} must be a string, got {raw!r}")
     raise TypeError(f"setting {name!r} has unsupported type {kind!r}")
+
+
+def settings_kwargs(cls: type, mapping: Mapping[str, object], what: str) -> dict[str, Any]:
+    """Constructor arguments of dataclass `cls` from a name -> value mapping whose values may be
+    strings, each coerced to its field's declared type. ValueError naming the first unknown
+    name ("unknown {what} 'x' for Cls (known: [...])") or the first unparsable value."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - fields)
+    if unknown:
+        known = sorted(fields) or "none"
+        raise ValueError(f"unknown {what} {unknown[0]!r} for {cls.__name__} (known: {known})")
+    hints = typing.get_type_hints(cls)
+    return {name: coerce_setting(name, hints[name], raw) for name, raw in mapping.items()}

@@ -8,11 +8,10 @@ typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from collections.abc import Mapping
-from typing import Any, ClassVar, Self
+from typing import ClassVar, Self
 
-from kvpack.codec.coerce import coerce_setting
+from kvpack.codec.coerce import settings_kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,16 +38,7 @@ class PolicySettings:
         Raises ValueError naming the first unknown setting or the first value that does not
         parse as its field's type.
         """
-        hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - fields)
-        if unknown:
-            known = sorted(fields) or "none"
-            raise ValueError(f"unknown setting {unknown[0]!r} for {cls.__name__} (known: {known})")
-        kwargs: dict[str, Any] = {
-            name: coerce_setting(name, hints[name], raw) for name, raw in mapping.items()
-        }
-        return cls(**kwargs)
+        return cls(**settings_kwargs(cls, mapping, "setting"))
 
     def non_negative(self, *names: str) -> None:
         """Raise ValueError if any named int/float field is negative."""

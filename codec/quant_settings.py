@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Self
 
-from kvpack.codec.coerce import coerce_setting
+from kvpack.codec.coerce import settings_kwargs
 
 MODES = ("lossy", "fixed", "lossless")
 K_GROUPINGS = ("channel", "block")
@@ -76,17 +75,7 @@ class QuantSettings:
     def from_mapping(cls, mapping: Mapping[str, object]) -> Self:
         """Settings from a name -> value mapping (values may be strings); unknown names and
         unparsable values raise ValueError naming the field. The result is validated."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(mapping) - fields)
-        if unknown:
-            raise ValueError(
-                f"unknown quantisation setting {unknown[0]!r}; known: {sorted(fields)}"
-            )
-        hints = typing.get_type_hints(cls)
-        kwargs: dict[str, Any] = {
-            name: coerce_setting(name, hints[name], raw) for name, raw in mapping.items()
-        }
-        out = cls(**kwargs)
+        out = cls(**settings_kwargs(cls, mapping, "quantisation setting"))
         out.validate()
         return out
 
