@@ -103,7 +103,10 @@ def huffman_encode(
                     out[w + 3] = v & 0xFF
                     w += 4
                     acc &= (1 << nbits) - 1
-            if (hi - lo) % 2:  # odd lane (only a block's last): its last code on its own
+            # Odd lane (only a block's last): its last code on its own. The flush repeats the one
+            # above on purpose: a shared njit helper returning (acc, nbits, w) measured 1.9-2.3x
+            # slower per symbol (1.5 -> 2.8-3.5 ns), inlined or not.
+            if (hi - lo) % 2:
                 e0 = table[symbols[hi - 1]]
                 ln = e0 & 31
                 if ln == 0:
