@@ -253,8 +253,9 @@ def _decode_4_lanes(
 
     Why four at once: one lane's decode is a serial chain (each code's length decides where the
     next starts); stepping four independent lanes in one loop lets the CPU overlap the chains,
-    as zstd's 4-stream Huffman decoder does. The loop runs while every lane has 3 symbols left
-    (a multi-table entry writes 3 slots), then each lane finishes on its own.
+    as zstd's 4-stream Huffman decoder does. The loop runs in batches of steps that cannot
+    reach any lane's end (a multi-table entry writes 3 slots), then each lane finishes on its
+    own.
     """
     peek_mask = (1 << MULTI_BITS) - 1
     code_mask = (1 << max_bits) - 1
@@ -280,82 +281,86 @@ def _decode_4_lanes(
     # inside its own slots) until the loop ends, and its finishing call below reports it.
     p0, p1, p2, p3 = p, p + count, p + 2 * count, p + 3 * count
     e0_, e1_, e2_, e3_ = p1, p2, p3, p + 4 * count
-    u0 = u1 = u2 = u3 = 0
-    while e0_ - p0 >= 3 and e1_ - p1 >= 3 and e2_ - p2 >= 3 and e3_ - p3 >= 3:
-        # The four blocks below are one step of each lane, written out: an njit helper
-        # returning the reader state as a tuple was measured 2x slower in the encoder.
-        e = multi[(a0 >> (v0 - MULTI_BITS)) & peek_mask]
-        if e & 3:
-            out[p0] = (e >> 8) & 0xFFFF
-            out[p0 + 1] = (e >> 24) & 0xFFFF
-            out[p0 + 2] = (e >> 40) & 0xFFFF
-            p0 += e & 3
-            n = (e >> 2) & 0x3F
-        else:
-            e = np.int64(table[(a0 >> (v0 - max_bits)) & code_mask])
-            n = e >> 16
-            out[p0] = e & 0xFFFF
-            p0 += 1
-        v0 -= n
-        u0 += n
-        e = multi[(a1 >> (v1 - MULTI_BITS)) & peek_mask]
-        if e & 3:
-            out[p1] = (e >> 8) & 0xFFFF
-            out[p1 + 1] = (e >> 24) & 0xFFFF
-            out[p1 + 2] = (e >> 40) & 0xFFFF
-            p1 += e & 3
-            n = (e >> 2) & 0x3F
-        else:
-            e = np.int64(table[(a1 >> (v1 - max_bits)) & code_mask])
-            n = e >> 16
-            out[p1] = e & 0xFFFF
-            p1 += 1
-        v1 -= n
-        u1 += n
-        e = multi[(a2 >> (v2 - MULTI_BITS)) & peek_mask]
-        if e & 3:
-            out[p2] = (e >> 8) & 0xFFFF
-            out[p2 + 1] = (e >> 24) & 0xFFFF
-            out[p2 + 2] = (e >> 40) & 0xFFFF
-            p2 += e & 3
-            n = (e >> 2) & 0x3F
-        else:
-            e = np.int64(table[(a2 >> (v2 - max_bits)) & code_mask])
-            n = e >> 16
-            out[p2] = e & 0xFFFF
-            p2 += 1
-        v2 -= n
-        u2 += n
-        e = multi[(a3 >> (v3 - MULTI_BITS)) & peek_mask]
-        if e & 3:
-            out[p3] = (e >> 8) & 0xFFFF
-            out[p3 + 1] = (e >> 24) & 0xFFFF
-            out[p3 + 2] = (e >> 40) & 0xFFFF
-            p3 += e & 3
-            n = (e >> 2) & 0x3F
-        else:
-            e = np.int64(table[(a3 >> (v3 - max_bits)) & code_mask])
-            n = e >> 16
-            out[p3] = e & 0xFFFF
-            p3 += 1
-        v3 -= n
-        u3 += n
-        if v0 < 32:
-            a0 = (a0 << 32) | _load32(buf, r0)
-            r0 += 4
-            v0 += 32
-        if v1 < 32:
-            a1 = (a1 << 32) | _load32(buf, r1)
-            r1 += 4
-            v1 += 32
-        if v2 < 32:
-            a2 = (a2 << 32) | _load32(buf, r2)
-            r2 += 4
-            v2 += 32
-        if v3 < 32:
-            a3 = (a3 << 32) | _load32(buf, r3)
-            r3 += 4
-            v3 += 32
+    while True:
+        # A step writes at most 3 slots and advances at most 3, so `safe` steps need no end
+        # checks: one test per batch instead of four per step halved the time per symbol.
+        safe = min(e0_ - p0, e1_ - p1, e2_ - p2, e3_ - p3) // 3
+        if safe == 0:
+            break
+        for _ in range(safe):
+            # The four blocks below are one step of each lane, written out: an njit helper
+            # returning the reader state as a tuple was measured 2x slower in the encoder.
+            e = multi[(a0 >> (v0 - MULTI_BITS)) & peek_mask]
+            if e & 3:
+                out[p0] = (e >> 8) & 0xFFFF
+                out[p0 + 1] = (e >> 24) & 0xFFFF
+                out[p0 + 2] = (e >> 40) & 0xFFFF
+                p0 += e & 3
+                n = (e >> 2) & 0x3F
+            else:
+                e = np.int64(table[(a0 >> (v0 - max_bits)) & code_mask])
+                n = e >> 16
+                out[p0] = e & 0xFFFF
+                p0 += 1
+            v0 -= n
+            e = multi[(a1 >> (v1 - MULTI_BITS)) & peek_mask]
+            if e & 3:
+                out[p1] = (e >> 8) & 0xFFFF
+                out[p1 + 1] = (e >> 24) & 0xFFFF
+                out[p1 + 2] = (e >> 40) & 0xFFFF
+                p1 += e & 3
+                n = (e >> 2) & 0x3F
+            else:
+                e = np.int64(table[(a1 >> (v1 - max_bits)) & code_mask])
+                n = e >> 16
+                out[p1] = e & 0xFFFF
+                p1 += 1
+            v1 -= n
+            e = multi[(a2 >> (v2 - MULTI_BITS)) & peek_mask]
+            if e & 3:
+                out[p2] = (e >> 8) & 0xFFFF
+                out[p2 + 1] = (e >> 24) & 0xFFFF
+                out[p2 + 2] = (e >> 40) & 0xFFFF
+                p2 += e & 3
+                n = (e >> 2) & 0x3F
+            else:
+                e = np.int64(table[(a2 >> (v2 - max_bits)) & code_mask])
+                n = e >> 16
+                out[p2] = e & 0xFFFF
+                p2 += 1
+            v2 -= n
+            e = multi[(a3 >> (v3 - MULTI_BITS)) & peek_mask]
+            if e & 3:
+                out[p3] = (e >> 8) & 0xFFFF
+                out[p3 + 1] = (e >> 24) & 0xFFFF
+                out[p3 + 2] = (e >> 40) & 0xFFFF
+                p3 += e & 3
+                n = (e >> 2) & 0x3F
+            else:
+                e = np.int64(table[(a3 >> (v3 - max_bits)) & code_mask])
+                n = e >> 16
+                out[p3] = e & 0xFFFF
+                p3 += 1
+            v3 -= n
+            if v0 < 32:
+                a0 = (a0 << 32) | _load32(buf, r0)
+                r0 += 4
+                v0 += 32
+            if v1 < 32:
+                a1 = (a1 << 32) | _load32(buf, r1)
+                r1 += 4
+                v1 += 32
+            if v2 < 32:
+                a2 = (a2 << 32) | _load32(buf, r2)
+                r2 += 4
+                v2 += 32
+            if v3 < 32:
+                a3 = (a3 << 32) | _load32(buf, r3)
+                r3 += 4
+                v3 += 32
+    # Bits each lane used: loaded (8 per byte read from its first byte) minus still buffered
+    # minus the offset of its first bit.
+    u0, u1, u2, u3 = 8 * r0 - v0 - b0, 8 * r1 - v1 - b1, 8 * r2 - v2 - b2, 8 * r3 - v3 - b3
     # Finish each lane from where it stands (also re-decodes, and so reports, an invalid code).
     rest0 = _decode_lane(buf, b0 + u0, e0_ - p0, table, multi, max_bits, out, p0)
     rest1 = _decode_lane(buf, b1 + u1, e1_ - p1, table, multi, max_bits, out, p1)
