@@ -154,9 +154,12 @@ class _Call:
             raise exc
         if _call_is_over(context):
             # The client is gone or the deadline passed; whatever we raise next (e.g. an
-            # incomplete upload) is a consequence, not the cause.
+            # incomplete upload) is a consequence, not the cause. End the call through abort:
+            # re-raised, grpc would log it as an unexpected servicer error with a traceback
+            # (error-log noise for every client timeout, and the traceback keeps the handler's
+            # frames, the whole session, alive as long as the log record).
             self.code = _code_of_cancel(context)
-            raise exc
+            await context.abort(grpc.StatusCode[self.code], f"{self.method}: {self.code}")
         if isinstance(exc, KVPackError):
             err = exc
         else:
