@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kvpack.eval import tasks
 
@@ -61,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from transformers import LlamaForCausalLM
 
     from kvpack.eval.model import reference_config
-    from kvpack.eval.train import collate
+    from kvpack.eval.train import collate, optimizer, train_step
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--init", default="eval/reference", help="checkpoint folder, or 'fresh'")
@@ -91,29 +90,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         model = LlamaForCausalLM.from_pretrained(args.init, attn_implementation="sdpa")
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = optimizer(model, args.lr)
     start = last = time.monotonic()
     step = 0
     print(json.dumps({"t": 0, "step": 0, **_monitor(model)}), flush=True)
     while time.monotonic() - start < 60 * args.minutes:
         length = int(rng.integers(args.min_len, args.max_len + 1))
-        ids, answer_mask, lm_mask = collate(
-            [_example(args, length, rng) for _ in range(4096 // length)]
-        )
-        logits = model(input_ids=ids[:, :-1]).logits
-        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = nll[answer_mask].mean() + 0.5 * nll[lm_mask].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        batch = collate([_example(args, length, rng) for _ in range(4096 // length)])
+        answer_loss, _ = train_step(model, opt, batch, lm_weight=0.5)
         step += 1
         if time.monotonic() - last > args.every:
             last = time.monotonic()
             line = {
                 "t": round(last - start),
                 "step": step,
-                "ans": round(nll[answer_mask].mean().item(), 3),
+                "ans": round(answer_loss, 3),
             }
             print(json.dumps({**line, **_monitor(model)}), flush=True)
             if args.out:

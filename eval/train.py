@@ -90,6 +90,34 @@ def lr_at(progress: float, peak: float) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, x))))
 
 
+def optimizer(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW as every reference-model run uses it (the LR is set per step by the caller)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+
+
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    lm_weight: float,
+    bf16: bool = False,
+) -> tuple[float, float]:
+    """One step on a ``collate``d batch: loss = answer cross-entropy + lm_weight x LM
+    cross-entropy, gradient norm clipped to 1. Returns (answer loss, LM loss)."""
+    ids, answer_mask, lm_mask = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=ids[:, :-1]).logits
+    nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+    answer_loss = nll[answer_mask].mean()
+    lm_loss = nll[lm_mask].mean()
+    loss = answer_loss + lm_weight * lm_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return answer_loss.item(), lm_loss.item()
+
+
 def save(model: torch.nn.Module, out: Path, state: dict[str, object]) -> None:
     model.save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
     (out / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
@@ -166,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = LlamaForCausalLM(config)
     model.train()
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
+    opt = optimizer(model, args.lr)
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"{n_params / 1e6:.2f} M parameters; args {vars(args)}", flush=True)
 
@@ -193,23 +221,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             ["repeat"] * n_examples if warmup else [pick_family(rng) for _ in range(n_examples)]
         )
         batch = [make_example(f, length, rng, sample_distractors(f, length, rng)) for f in families]
-        ids, answer_mask, lm_mask = collate(batch)
+        collated = collate(batch)
         for group in opt.param_groups:
             group["lr"] = lr_at(progress, args.lr)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(input_ids=ids[:, :-1]).logits
-        nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-        answer_loss = nll[answer_mask].mean()
-        lm_loss = nll[lm_mask].mean()
-        loss = answer_loss + args.lm_weight * lm_loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        answer_loss, lm_loss = train_step(model, opt, collated, args.lm_weight, args.bf16)
 
         step += 1
-        tokens += ids.numel()
-        for name, value in (("ans", answer_loss.item()), ("lm", lm_loss.item())):
+        tokens += collated[0].numel()
+        for name, value in (("ans", answer_loss), ("lm", lm_loss)):
             ema[name] = value if name not in ema else 0.98 * ema[name] + 0.02 * value
         bar.update(1)
         bar.set_postfix(
