@@ -8,7 +8,6 @@ traceback, and the log record keeps the handler's frames (a whole Compress sessi
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 import time
@@ -22,6 +21,7 @@ from grpc import aio
 
 from kvpack.server import rpc
 from kvpack.server.metrics import Metrics
+from tests.reliability.test_faults import wait_for
 
 
 class Session:
@@ -92,11 +92,11 @@ async def test_expired_call_ends_with_its_status_without_an_error_log(
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The client's deadline fires on its own; the server's handler ends a moment later.
     labels = {"method": method, "code": "DEADLINE_EXCEEDED"}
-    for _ in range(100):
-        if host.metrics.registry.get_sample_value("kvpack_requests_total", labels) is not None:
-            break
-        await asyncio.sleep(0.05)
-    assert host.metrics.registry.get_sample_value("kvpack_requests_total", labels) == 1.0
+    await wait_for(
+        lambda: host.metrics.registry.get_sample_value("kvpack_requests_total", labels) == 1.0,
+        5,
+        "DEADLINE_EXCEEDED counted",
+    )
     assert host.metrics.inflight_streams.labels(method)._value.get() == 0
     assert host.streams.active == 0
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
