@@ -88,6 +88,35 @@ class ServerConfig:
         default=64,
         metadata={"help": "concurrent Compress/Fetch/Put streams; more get RESOURCE_EXHAUSTED"},
     )
+    max_streams_per_tenant: int = dataclasses.field(
+        default=32,
+        metadata={
+            "help": "concurrent Compress/Fetch/Put streams of one tenant (the open server is "
+            "one tenant); more get RESOURCE_EXHAUSTED, so one tenant cannot take every slot"
+        },
+    )
+    max_unauthenticated_streams: int = dataclasses.field(
+        default=16,
+        metadata={
+            "help": "concurrent streaming calls without a token (health Watch, reflection); "
+            "more get RESOURCE_EXHAUSTED, so they never use the tenants' capacity"
+        },
+    )
+    idle_timeout: float = dataclasses.field(
+        default=30.0,
+        metadata={
+            "help": "seconds a Compress or Put upload may go without a message before it is "
+            "ended (DEADLINE_EXCEEDED) and its slot and memory are freed"
+        },
+    )
+    max_buffered_bytes: int = dataclasses.field(
+        default=4 * GiB,
+        metadata={
+            "help": "server-wide cap on bytes buffered by uploads in flight; past it uploads "
+            "get RESOURCE_EXHAUSTED",
+            "bytes": True,
+        },
+    )
     max_request_bytes: int = dataclasses.field(
         default=2 * GiB,
         metadata={"help": "raw bytes one Compress or Put request may upload", "bytes": True},
@@ -136,6 +165,9 @@ class ServerConfig:
         for name in (
             "workers",
             "max_concurrent_streams",
+            "max_streams_per_tenant",
+            "max_unauthenticated_streams",
+            "max_buffered_bytes",
             "max_request_bytes",
             "max_layers",
             "max_heads",
@@ -147,6 +179,8 @@ class ServerConfig:
                 raise InvalidArgument(f"--{name.replace('_', '-')} must be at least 1")
         if self.store_bytes < 0 or self.redis_ttl < 0 or self.grace < 0:
             raise InvalidArgument("--store-bytes, --redis-ttl and --grace must be >= 0")
+        if not self.idle_timeout > 0:
+            raise InvalidArgument("--idle-timeout must be > 0 seconds")
 
     # -- sources -------------------------------------------------------------------------------
 
