@@ -282,11 +282,15 @@ def frame_parser(message_type: type[Message]) -> Callable[[bytes], Any]:
 
 
 class BytesAssembler:
-    """Collects ``Chunk`` messages into a preallocated buffer of exactly ``nbytes``.
+    """Collects ``Chunk`` messages into one buffer of exactly ``nbytes``.
+
+    The buffer grows as bytes arrive (chunks are contiguous, so every write appends) rather than
+    being allocated at the declared size: a header that announces gigabytes and then sends
+    nothing costs nothing. Growing a large bytearray is a ``realloc`` that the allocator serves
+    by remapping pages, not copying them, and no byte is zero-filled first.
 
     ``crc32`` (zlib) is checked at completion when given. ``what`` names the payload in errors
-    (e.g. "KEYS layer 3"). ``nbytes`` must be ``<= max_bytes`` (ResourceExhausted otherwise),
-    checked before anything is allocated.
+    (e.g. "KEYS layer 3"). ``nbytes`` must be ``<= max_bytes`` (ResourceExhausted otherwise).
     """
 
     def __init__(
@@ -301,7 +305,7 @@ class BytesAssembler:
         self.what = what
         self.nbytes = nbytes
         self.expected_crc = crc32
-        self.buffer = bytearray(nbytes)
+        self.buffer = bytearray()
         self.received = 0
         self._crc = 0
 
@@ -338,10 +342,12 @@ class BytesAssembler:
         return data
 
     def write(self, start: int, data: bytes | memoryview) -> None:
-        """Copies claimed ``data`` in at ``start`` and extends the CRC. About 1 ms per MiB, with
-        the GIL released for most of it: run it off the event loop."""
-        # A memoryview target copies twice as fast as bytearray slice assignment.
-        memoryview(self.buffer)[start : start + len(data)] = data
+        """Appends claimed ``data`` (which starts at byte ``start``) and extends the CRC. About
+        1 ms per MiB, with the GIL released for most of it: run it off the event loop, one write
+        at a time and in order."""
+        if start != len(self.buffer):
+            raise AssertionError(f"{self.what}: write at {start}, buffer holds {len(self.buffer)}")
+        self.buffer += data
         if self.expected_crc is not None:
             self._crc = zlib.crc32(data, self._crc)
 

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import traceback
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -222,6 +223,9 @@ class CompressSession:
         self.ahead = asyncio.Semaphore(self.num_slots)
         self.jobs: asyncio.Queue[Any] = asyncio.Queue()
         self.abandoned = False  # a layer failed: the reader stops and drains the upload
+        # Uploaded bytes held, against --max-buffered-bytes; a layer's share is returned once
+        # the layer is encoded, the rest when the call ends.
+        self.reservation = servicer.buffered.reservation()
 
     # -- reading the client stream --------------------------------------------------------------
 
@@ -288,6 +292,10 @@ class CompressSession:
                 await drain(it)
             self.jobs.put_nowait(_DONE)
         except asyncio.CancelledError:
+            # The cancelled task keeps this frame in its CancelledError's traceback (a cycle
+            # through the task): let go of the layer in hand now (see _release).
+            k = v = stats = torch.empty(0)
+            msg = vmsg = first = None
             raise
         except Exception as exc:  # handed to run(), which raises it in the handler
             if isinstance(exc, KVPackError):
@@ -343,17 +351,24 @@ class CompressSession:
                 f"{what} of {begin.nbytes} bytes would take the request over "
                 f"--max-request-bytes={self.config.max_request_bytes}"
             )
-        asm = wire.TensorAssembler(begin, max_bytes=left)
-        writer = ChunkWriter(self.servicer.executor)
-        while not asm.done:
-            msg = await anext(it, None)
-            if msg is None or msg.WhichOneof("msg") != "chunk":
-                raise InvalidArgument(
-                    f"{asm.what}: expected chunks up to {asm.nbytes} bytes, got "
-                    f"{'end of stream' if msg is None else msg.WhichOneof('msg')}"
-                )
-            await writer.add(asm, msg.chunk)
-        await writer.flush()
+        asm: wire.TensorAssembler | None = wire.TensorAssembler(begin, max_bytes=left)
+        assert asm is not None
+        writer = ChunkWriter(self.servicer.executor, self.reservation)
+        try:
+            while not asm.done:
+                msg = await anext(it, None)
+                if msg is None or msg.WhichOneof("msg") != "chunk":
+                    raise InvalidArgument(
+                        f"{asm.what}: expected chunks up to {asm.nbytes} bytes, got "
+                        f"{'end of stream' if msg is None else msg.WhichOneof('msg')}"
+                    )
+                await writer.add(asm, msg.chunk)
+            await writer.flush()
+        except BaseException:
+            # This frame outlives the call in the exception's traceback (see _release): it
+            # must not keep the half-received tensor alive.
+            asm = msg = None
+            raise
         self.received += asm.nbytes
         return asm.tensor()
 
@@ -458,6 +473,8 @@ class CompressSession:
         reader = asyncio.create_task(self._read(requests))
         results: list[LayerResult] = []
         failed = False
+        raised: BaseException | None = None
+        result: LayerResult | None = None
         try:
             while True:
                 item = await self.jobs.get()
@@ -466,9 +483,10 @@ class CompressSession:
                 if isinstance(item, BaseException):
                     raise item
                 try:
-                    result: LayerResult = await item
+                    result = await item
                 finally:
                     self.ahead.release()
+                self.reservation.give_back(result.input_bytes)
                 self._observe_layer(result)
                 if self.plan is not None and self.plan.header.return_cache:
                     for frame in _layer_frames(result):
@@ -477,8 +495,9 @@ class CompressSession:
                 result.keys = result.values = torch.empty(0)
                 results.append(result)
             yield await self._finish(results)
-        except KVPackError:
-            failed = True
+        except BaseException as exc:
+            failed = isinstance(exc, KVPackError)
+            raised = exc
             raise
         finally:
             if failed and not reader.done():
@@ -493,6 +512,30 @@ class CompressSession:
                 reader.cancel()
             # Surface nothing from a cancelled reader; its exception (if any) was queued.
             await asyncio.gather(reader, return_exceptions=True)
+            results.clear()
+            item = result = None
+            self._release(reader, raised)
+            raised = None
+
+    def _release(self, reader: asyncio.Task[None], raised: BaseException | None) -> None:
+        """Drop everything the call buffered, now rather than at the next garbage collection.
+
+        A failed or cancelled call's exceptions sit in reference cycles (a queued exception's
+        traceback holds ``run``'s frame, which holds the exception; a cancelled task's
+        CancelledError holds the task's own frame), and their tracebacks hold the finished
+        frames of ``_read`` and ``_receive`` with their tensors and half-filled assemblers.
+        Clearing those frames and the session's own references frees the buffers at once.
+        """
+        self.reservation.close()
+        _clear_traceback(raised)
+        self.scores = self.queries = None
+        self.indices = None
+        while not self.jobs.empty():
+            job = self.jobs.get_nowait()
+            if isinstance(job, BaseException):
+                _clear_traceback(job)
+        if reader.done() and not reader.cancelled() and reader.exception() is not None:
+            _clear_traceback(reader.exception())
 
     def _observe_layer(self, r: LayerResult) -> None:
         metrics = self.servicer.metrics
@@ -586,6 +629,16 @@ class CompressSession:
                 policy["n_keep"] = h.n_keep
             return keys.content_key(h.model, layout, p.quant.to_dict(), policy, h.token_ids)
         return keys.blob_key(blob)
+
+
+def _clear_traceback(exc: BaseException | None) -> None:
+    """Clear the locals of every finished frame in ``exc``'s traceback and its chain (frames
+    still executing are left alone by ``traceback.clear_frames``)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def _require_finite(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

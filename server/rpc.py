@@ -21,7 +21,8 @@ import grpc
 from grpc import aio
 
 from kvpack import wire
-from kvpack.errors import DeadlineExceeded, KVPackError, ResourceExhausted
+from kvpack.errors import DeadlineExceeded, KVPackError
+from kvpack.server.limits import Reservation, StreamLimiter
 from kvpack.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -36,24 +37,7 @@ class Host(Protocol):
     metrics: Metrics
     streams: StreamLimiter
 
-
-class StreamLimiter:
-    """Counts streaming RPCs in flight; beyond ``limit`` new ones get RESOURCE_EXHAUSTED."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-
-    def acquire(self) -> None:
-        if self.active >= self.limit:
-            raise ResourceExhausted(
-                f"server is at its limit of {self.limit} concurrent streams "
-                "(--max-concurrent-streams); retry later"
-            )
-        self.active += 1
-
-    def release(self) -> None:
-        self.active -= 1
+    def tenant(self, context: aio.ServicerContext) -> str: ...
 
 
 #: After rejecting a client-streaming call, read and discard at most this much of the rest of
@@ -82,15 +66,19 @@ class ChunkWriter:
     """Feeds received chunks to an assembler with the copy and CRC (about 1 ms per MiB) on
     ``executor`` instead of the event loop: one write at a time, in order, each overlapping the
     arrival of the next chunk. Offsets and sizes are checked on the loop, before anything is
-    copied; :meth:`flush` before taking the result."""
+    copied, and every chunk is counted in the call's ``reservation`` of the server's buffered
+    bytes; :meth:`flush` before taking the result."""
 
-    def __init__(self, executor: Executor) -> None:
+    def __init__(self, executor: Executor, reservation: Reservation) -> None:
         self.executor = executor
+        self.reservation = reservation
         self._pending: asyncio.Future[None] | None = None
 
     async def add(self, assembler: wire.BytesAssembler | wire.TensorAssembler, chunk: Any) -> None:
         start = assembler.received
         data = assembler.claim(chunk)
+        # Counted against --max-buffered-bytes as it arrives, never as announced.
+        self.reservation.take(len(data), assembler.what)
         await self.flush()
         loop = asyncio.get_running_loop()
         self._pending = loop.run_in_executor(self.executor, assembler.write, start, data)
@@ -127,19 +115,21 @@ class _Call:
         self.host, self.method, self.stream = host, method, stream
         self.code = grpc.StatusCode.OK.name
         self.start = time.perf_counter()
-        self.holds_slot = False
+        self.slot_of: str | None = None  # the tenant whose stream slot this call holds
 
-    def begin(self) -> None:
-        """Take a stream slot (RESOURCE_EXHAUSTED when none is free) and count the call."""
+    def begin(self, context: aio.ServicerContext) -> None:
+        """Take a stream slot of the caller's tenant (RESOURCE_EXHAUSTED when none is free) and
+        count the call."""
         self.host.metrics.inflight_streams.labels(self.method).inc()
         if self.stream:
-            self.host.streams.acquire()
-            self.holds_slot = True
+            tenant = self.host.tenant(context)
+            self.host.streams.acquire(tenant)
+            self.slot_of = tenant
 
     def end(self) -> None:
         self.host.metrics.inflight_streams.labels(self.method).dec()
-        if self.holds_slot:
-            self.host.streams.release()
+        if self.slot_of is not None:
+            self.host.streams.release(self.slot_of)
         self.host.metrics.requests.labels(self.method, self.code).inc()
         self.host.metrics.request_duration.labels(self.method).observe(
             time.perf_counter() - self.start
@@ -184,7 +174,7 @@ def unary(
         async def handler(self: Host, request: Any, context: aio.ServicerContext) -> Resp:
             call = _Call(self, method, stream)
             try:
-                call.begin()
+                call.begin(context)
                 return await fn(self, request, context)
             except BaseException as exc:
                 await call.fail(context, exc)
@@ -214,7 +204,7 @@ def streaming(
         ) -> AsyncIterator[Resp]:
             call = _Call(self, method, True)
             try:
-                call.begin()
+                call.begin(context)
                 async for response in fn(self, request, context):
                     yield response
             except BaseException as exc:

@@ -25,15 +25,9 @@ from kvpack.server import container, convert, keys
 from kvpack.server.auth import Authenticator
 from kvpack.server.compress import CompressSession
 from kvpack.server.config import ServerConfig
+from kvpack.server.limits import ByteBudget, IdleLimit, Reservation, StreamLimiter
 from kvpack.server.metrics import Metrics
-from kvpack.server.rpc import (
-    ChunkWriter,
-    StreamLimiter,
-    check_deadline,
-    drain,
-    streaming,
-    unary,
-)
+from kvpack.server.rpc import ChunkWriter, check_deadline, drain, streaming, unary
 from kvpack.server.stores.base import Store
 from kvpack.v1 import kvpack_pb2 as pb
 
@@ -59,7 +53,8 @@ class KVPackServicer:
         self.auth = auth
         self.metrics = metrics
         self.executor = executor
-        self.streams = StreamLimiter(config.max_concurrent_streams)
+        self.streams = StreamLimiter(config.max_concurrent_streams, config.max_streams_per_tenant)
+        self.buffered = ByteBudget(config.max_buffered_bytes)
 
     # -- helpers -------------------------------------------------------------------------------
 
@@ -98,7 +93,8 @@ class KVPackServicer:
         context: aio.ServicerContext,
     ) -> AsyncIterator[pb.CompressResponse | bytes]:
         session = CompressSession(self, self.tenant(context), context)
-        async for response in session.run(request_iterator):
+        requests = IdleLimit(request_iterator, self.config.idle_timeout, "Compress upload")
+        async for response in session.run(requests):
             yield response
 
     @streaming("Fetch")
@@ -131,10 +127,24 @@ class KVPackServicer:
         context: aio.ServicerContext,
     ) -> pb.PutResponse:
         tenant = self.tenant(context)
+        requests = IdleLimit(request_iterator, self.config.idle_timeout, "Put upload")
+        reservation = self.buffered.reservation()
         try:
-            blob, header = await self._receive_put(request_iterator, context)
+            return await self._put(tenant, requests, reservation, context)
+        finally:
+            reservation.close()
+
+    async def _put(
+        self,
+        tenant: str,
+        requests: IdleLimit,
+        reservation: Reservation,
+        context: aio.ServicerContext,
+    ) -> pb.PutResponse:
+        try:
+            blob, header = await self._receive_put(requests, reservation, context)
         except KVPackError:
-            await drain(request_iterator)
+            await drain(requests)
             raise
         parsed = await self.in_executor("decode", container.verify_upload, blob)
         key = header.key or keys.blob_key(blob)
@@ -145,6 +155,7 @@ class KVPackServicer:
     async def _receive_put(
         self,
         requests: AsyncIterator[pb.PutRequest | wire.ChunkFrame],
+        reservation: Reservation,
         context: aio.ServicerContext,
     ) -> tuple[bytes, pb.PutHeader]:
         """The uploaded container (size bounded, CRC checked) and its header."""
@@ -160,7 +171,7 @@ class KVPackServicer:
             crc32=header.crc32,
             what="Put container",
         )
-        writer = ChunkWriter(self.executor)
+        writer = ChunkWriter(self.executor, reservation)
         async for message in requests:
             if message.WhichOneof("msg") != "chunk":
                 raise InvalidArgument("Put expects only chunks after its header")

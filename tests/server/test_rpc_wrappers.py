@@ -20,6 +20,7 @@ import pytest
 from grpc import aio
 
 from kvpack.server import rpc
+from kvpack.server.limits import StreamLimiter
 from kvpack.server.metrics import Metrics
 from tests.reliability.test_faults import wait_for
 
@@ -31,8 +32,11 @@ class Session:
 class Host:
     def __init__(self) -> None:
         self.metrics = Metrics()
-        self.streams = rpc.StreamLimiter(4)
+        self.streams = StreamLimiter(4, per_tenant=4)
         self.sessions: list[weakref.ref[Session]] = []
+
+    def tenant(self, context: aio.ServicerContext) -> str:
+        return "default"
 
     def _expire(self, context: aio.ServicerContext) -> None:
         session = Session()
