@@ -7,7 +7,11 @@ header into the store's :class:`EntryMeta`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import mmap
+import os
+from typing import BinaryIO
 
 from kvpack import codec
 from kvpack.errors import DataLoss, InvalidArgument
@@ -66,3 +70,55 @@ def meta_from_header(
         settings={**quant, **(settings or {})},
         sha256=hashlib.sha256(blob).hexdigest(),
     )
+
+
+def read_file_header(f: BinaryIO, offset: int) -> codec.ContainerHeader:
+    """Header of the container stored in ``f`` from byte ``offset`` to the end of the file,
+    reading only the container's prefix and JSON header, not its data region.
+
+    :func:`codec.read_header` needs the whole container as a buffer (it checks that the section
+    table tiles the data region exactly, i.e. the container's length), but touches only the first
+    bytes; the file is memory-mapped so the pages it never touches are never read. The file must
+    not shrink while mapped (stores replace entry files, never truncate them). DataLoss if the
+    header is damaged.
+    """
+    if os.fstat(f.fileno()).st_size <= offset:
+        raise DataLoss("stored entry is damaged: no container after its metadata")
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = memoryview(mapped)
+    problem = ""
+    try:
+        return codec.read_header(view[offset:])
+    except ValueError as e:
+        problem = str(e)
+    finally:
+        view.release()
+        # A view still alive in a traceback would make close() raise: then it closes when freed.
+        with contextlib.suppress(BufferError):
+            mapped.close()
+    raise DataLoss(f"stored entry is damaged: {problem}")
+
+
+def meta_mismatches(meta: EntryMeta, header: codec.ContainerHeader, stored_bytes: int) -> list[str]:
+    """What ``meta`` says about its container that the container's own (checked) header does not:
+    ``"name (meta value vs container value)"`` per field; empty when they agree. ``stored_bytes``:
+    the container's length in bytes. The sha256 is not among them: it needs every byte, and the
+    store checks it on read."""
+    quant = header.settings.to_dict()
+    expected: dict[str, object] = {
+        "stored_bytes": stored_bytes,
+        "original_bytes": sum(header.raw_bytes),
+        "num_layers": header.num_layers,
+        "dtype": header.dtype,
+        "codec": f"{quant['mode']}/{quant['entropy']}",
+    }
+    out = [
+        f"{name} ({getattr(meta, name)!r} vs {value!r})"
+        for name, value in expected.items()
+        if getattr(meta, name) != value
+    ]
+    # Settings also carry the server's own entries (policy.*): only the container's are checked.
+    wrong = sorted(k for k, v in quant.items() if meta.settings.get(k) != v)
+    if wrong:
+        out.append(f"settings ({', '.join(wrong)})")
+    return out

@@ -206,11 +206,11 @@ class KVPackServicer:
         ns = keys.tenant_prefix(self.tenant(context))
         size = min(request.page_size or LIST_PAGE_DEFAULT, LIST_PAGE_MAX)
         after = _decode_page_token(request.page_token)
-        items = [
-            (k[len(ns) :], meta)
-            for k, meta in await self.store.list(ns + request.prefix)
-            if k[len(ns) :] > after
-        ]
+        # One more than the page tells whether another page follows; the store's cost is the
+        # page's, not the tenant's (or the whole store's) entry count.
+        start = ns + after if after else ""
+        found = await self.store.list_page(ns + request.prefix, start, size + 1)
+        items = [(k[len(ns) :], meta) for k, meta in found]
         page = items[:size]
         response = pb.ListResponse(entries=[convert.entry_info(k, m) for k, m in page])
         if len(items) > size:

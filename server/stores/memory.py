@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from kvpack.errors import NotFound, ResourceExhausted
-from kvpack.server.stores.base import Entry, EntryMeta, Store, Usage
+from kvpack.server.stores.base import Entry, EntryMeta, SortedKeys, Store, Usage
 
 
 class MemoryStore(Store):
@@ -13,7 +13,8 @@ class MemoryStore(Store):
     (0 = unbounded); putting past it evicts least recently used whole entries first.
 
     All methods run on the event loop without awaiting in between, so an entry is inserted or
-    evicted as a whole; nobody sees half of one.
+    evicted as a whole; nobody sees half of one. Metadata is held as the server made it (never
+    serialised), so there is nothing to cross-check on Stat.
     """
 
     name = "memory"
@@ -21,7 +22,8 @@ class MemoryStore(Store):
     def __init__(self, budget_bytes: int = 0) -> None:
         super().__init__()
         self.budget_bytes = budget_bytes
-        self._entries: OrderedDict[str, Entry] = OrderedDict()
+        self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
+        self._sorted = SortedKeys()  # the same keys in key order, for paged List
         self._bytes = 0
 
     async def put(self, key: str, data: bytes, meta: EntryMeta) -> None:
@@ -34,10 +36,12 @@ class MemoryStore(Store):
         if old is not None:
             self._bytes -= len(old.data)
         while self.budget_bytes and self._bytes + len(data) > self.budget_bytes:
-            _, evicted = self._entries.popitem(last=False)
+            gone, evicted = self._entries.popitem(last=False)
+            self._sorted.discard(gone)
             self._bytes -= len(evicted.data)
             self.on_evict(1)
         self._entries[key] = Entry(bytes(data), meta)
+        self._sorted.add(key)
         self._bytes += len(data)
 
     async def get(self, key: str) -> Entry:
@@ -58,12 +62,12 @@ class MemoryStore(Store):
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
+        self._sorted.discard(key)
         self._bytes -= len(entry.data)
         return True
 
-    async def list(self, prefix: str) -> list[tuple[str, EntryMeta]]:
-        items = [(k, e.meta) for k, e in self._entries.items() if k.startswith(prefix)]
-        return sorted(items, key=lambda item: item[0])
+    async def list_page(self, prefix: str, after: str, limit: int) -> list[tuple[str, EntryMeta]]:
+        return [(k, self._entries[k].meta) for k in self._sorted.page(prefix, after, limit)]
 
     async def usage(self) -> Usage:
         return Usage(self._bytes, len(self._entries), self.budget_bytes)
