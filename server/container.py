@@ -83,7 +83,7 @@ def read_file_header(f: BinaryIO, offset: int) -> codec.ContainerHeader:
     header is damaged.
     """
     if os.fstat(f.fileno()).st_size <= offset:
-        raise DataLoss("stored entry is damaged: no container after its metadata")
+        raise DataLoss("the container is missing (nothing after the metadata)")
     mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     view = memoryview(mapped)
     problem = ""
@@ -96,7 +96,7 @@ def read_file_header(f: BinaryIO, offset: int) -> codec.ContainerHeader:
         # A view still alive in a traceback would make close() raise: then it closes when freed.
         with contextlib.suppress(BufferError):
             mapped.close()
-    raise DataLoss(f"stored entry is damaged: {problem}")
+    raise DataLoss(f"the container is damaged: {problem}")
 
 
 def meta_mismatches(meta: EntryMeta, header: codec.ContainerHeader, stored_bytes: int) -> list[str]:

@@ -98,7 +98,10 @@ class DiskStore(Store):
             key, meta, offset = self._read_header(f, path)
             if file_name(key) != path.name:
                 raise DataLoss(f"entry file {path.name} names a key that is not its own")
-            header = container.read_file_header(f, offset)
+            try:
+                header = container.read_file_header(f, offset)
+            except DataLoss as e:
+                raise DataLoss(f"entry file {path.name}: {e.message}") from None
             size = os.fstat(f.fileno()).st_size - offset
         wrong = container.meta_mismatches(meta, header, size)
         if wrong:

@@ -189,11 +189,18 @@ def damage_file(disk: Path) -> dict[str, Callable[[Path], None]]:
     def mistyped(p: Path) -> None:
         edit_meta(p, lambda m: m.update(settings=[1]))
 
+    def container_header(p: Path) -> None:
+        raw = bytearray(p.read_bytes())
+        (meta_len,) = struct.unpack("<I", raw[len(MAGIC) : len(MAGIC) + 4])
+        raw[len(MAGIC) + 4 + meta_len + 20] ^= 0x01  # inside the container's JSON header
+        p.write_bytes(bytes(raw))
+
     return {
         "d/bad_magic": bad_magic,
         "d/truncated_meta": truncated_meta,
         "d/wrong_key": wrong_key,
         "d/mistyped": mistyped,
+        "d/container_header": container_header,
     }
 
 
