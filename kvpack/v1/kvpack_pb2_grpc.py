@@ -5,7 +5,7 @@ import warnings
 
 from kvpack.v1 import kvpack_pb2 as kvpack_dot_v1_dot_kvpack__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.78.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class KVPackStub:
+class KVPackStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -71,7 +71,7 @@ class KVPackStub:
                 _registered_method=True)
 
 
-class KVPackServicer:
+class KVPackServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Compress(self, request_iterator, context):
@@ -169,7 +169,7 @@ def add_KVPackServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class KVPack:
+class KVPack(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
