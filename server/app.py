@@ -35,6 +35,9 @@ from kvpack.v1 import kvpack_pb2
 log = logging.getLogger(__name__)
 
 GAUGE_REFRESH_S = 15.0
+#: Concurrent unary calls (Stat, List, Info, Delete, Health.Check, calls refused for a bad token
+#: or a full limit in their last moments) gRPC admits on top of every stream slot.
+UNARY_HEADROOM = 256
 SERVICE_NAME = kvpack_pb2.DESCRIPTOR.services_by_name["KVPack"].full_name  # "kvpack.v1.KVPack"
 
 
@@ -51,6 +54,16 @@ def make_store(config: ServerConfig) -> Store:
     from kvpack.server.stores.memory import MemoryStore
 
     return MemoryStore(config.store_bytes)
+
+
+def concurrent_rpc_cap(config: ServerConfig) -> int:
+    """gRPC's server-wide ``maximum_concurrent_rpcs``: a memory backstop against floods of unary
+    calls, sized so that it is never reached before the server's own limits, which refuse with a
+    message naming their flag. Streams are bounded by the servicer (``max_concurrent_streams``;
+    the per-tenant cap is within it) and by the interceptor (``max_unauthenticated_streams``), so
+    the cap is their sum plus :data:`UNARY_HEADROOM`. Calls without a token cannot hold more than
+    their own cap: unary ones end at once, bad-token ones are refused before any handler runs."""
+    return config.max_concurrent_streams + config.max_unauthenticated_streams + UNARY_HEADROOM
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -76,6 +89,9 @@ class KVPackServer:
         self.config = config
         self.store = store or make_store(config)
         self.auth = Authenticator(load_tokens(config.auth_tokens, config.auth_tokens_file))
+        self.auth_interceptor = AuthInterceptor(
+            self.auth, max_exempt_streams=config.max_unauthenticated_streams
+        )
         self.metrics = Metrics(policies=codec.POLICIES, store=self.store.name)
         self.store.on_evict = self.metrics.store_evictions.labels(self.store.name).inc
         self.store.on_error = self.metrics.store_errors.labels(self.store.name).inc
@@ -98,10 +114,11 @@ class KVPackServer:
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.store.open()
         server = aio.server(
-            interceptors=[AuthInterceptor(self.auth)],
+            interceptors=[self.auth_interceptor],
             options=server_options(),
-            # Backstop only: streams are limited (with a clear message) by the servicer.
-            maximum_concurrent_rpcs=self.config.max_concurrent_streams * 4 + 16,
+            # Backstop only: streams are limited (with a clear message) by the servicer and,
+            # without a token, by the interceptor; see concurrent_rpc_cap.
+            maximum_concurrent_rpcs=concurrent_rpc_cap(self.config),
         )
         add_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

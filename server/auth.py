@@ -6,13 +6,17 @@ configured the server is open and every request is tenant :data:`OPEN_TENANT`.
 
 :class:`AuthInterceptor` rejects unauthenticated calls (UNAUTHENTICATED) before any handler runs;
 health checks and reflection are exempt so that load balancers and grpcurl work without tokens.
-The servicer asks :meth:`Authenticator.tenant` again for the namespace (a constant-time scan over
-a handful of tokens costs microseconds).
+Exempt *streaming* calls (health Watch, reflection) can be held open indefinitely, so they get their
+own small cap (``--max-unauthenticated-streams``, :class:`ExemptStreams`): without it, a few
+hundred held Watch streams would fill gRPC's server-wide concurrent-RPC cap and starve every
+tenant. The servicer asks :meth:`Authenticator.tenant` again for the namespace (a constant-time
+scan over a handful of tokens costs microseconds).
 """
 
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
@@ -21,7 +25,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from kvpack.errors import InvalidArgument
+from kvpack.errors import InvalidArgument, ResourceExhausted
 from kvpack.server.keys import TENANT_PATTERN
 
 log = logging.getLogger(__name__)
@@ -50,20 +54,42 @@ def parse_tokens(pairs: Iterable[str]) -> list[tuple[str, str]]:
 
 
 def load_tokens(inline: str, path: str) -> list[tuple[str, str]]:
-    """Tokens from ``--auth-tokens`` (comma-separated) and ``--auth-tokens-file`` together."""
+    """Tokens from ``--auth-tokens`` (comma-separated) and ``--auth-tokens-file`` together,
+    checked by :func:`check_one_tenant_per_token`."""
     pairs = parse_tokens(inline.split(",")) if inline else []
     if path:
         try:
             pairs += parse_tokens(Path(path).read_text().splitlines())
         except OSError as e:
             raise InvalidArgument(f"cannot read --auth-tokens-file {path}: {e}") from e
+    check_one_tenant_per_token(pairs)
     return pairs
+
+
+def check_one_tenant_per_token(pairs: Sequence[tuple[str, str]]) -> None:
+    """InvalidArgument naming both tenants when one token is configured for two of them: the
+    token would authenticate only the first, leaving the second silently unreachable. The token
+    itself is never echoed.
+
+    One tenant with several tokens is allowed (rotation: add the new token, move clients, remove
+    the old one), and so is the same ``tenant:token`` pair listed twice (e.g. inline and in the
+    file)."""
+    owner: dict[str, str] = {}
+    for tenant, token in pairs:
+        first = owner.setdefault(token, tenant)
+        if first != tenant:
+            raise InvalidArgument(
+                f"auth tokens: tenants {first!r} and {tenant!r} are configured with the same "
+                "token (in --auth-tokens / --auth-tokens-file); each token must belong to one "
+                "tenant"
+            )
 
 
 class Authenticator:
     """Maps bearer tokens to tenants in constant time per token."""
 
     def __init__(self, tokens: Sequence[tuple[str, str]]) -> None:
+        check_one_tenant_per_token(tokens)
         self._tokens = [(tenant, token.encode()) for tenant, token in tokens]
 
     @property
@@ -116,11 +142,80 @@ def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMeth
     return grpc.unary_unary_rpc_method_handler(deny, **kw)
 
 
-class AuthInterceptor(aio.ServerInterceptor):
-    """Rejects calls without a valid bearer token; health and reflection pass."""
+class ExemptStreams:
+    """Counts exempt streaming calls in flight (health Watch, reflection); beyond ``limit`` new
+    ones get RESOURCE_EXHAUSTED. They need no token, so they are kept apart from (and far below)
+    the capacity the tenants' calls use."""
 
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> None:
+        """Take a slot or raise ResourceExhausted naming the flag."""
+        if self.active >= self.limit:
+            raise ResourceExhausted(
+                f"server is at its limit of {self.limit} concurrent streaming calls without a "
+                "token (health Watch, reflection; --max-unauthenticated-streams); retry later"
+            )
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+
+    def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` (a streaming one) holding a slot while it runs. The slot is released in
+        ``finally``, so also when the client cancels (the handler task is cancelled) or the call
+        fails."""
+        kw = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(self._limited(handler.stream_stream), **kw)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(self._limited(handler.stream_unary), **kw)
+        return grpc.unary_stream_rpc_method_handler(self._limited(handler.unary_stream), **kw)
+
+    def _limited(self, behavior: Callable[..., Any]) -> Callable[..., Any]:
+        """``behavior`` counted against the cap; async generators (reflection) and coroutines
+        that write with ``context.write`` (health Watch) alike."""
+
+        async def refuse(context: aio.ServicerContext) -> None:
+            try:
+                self.acquire()
+            except ResourceExhausted as e:
+                await context.abort(e.code, e.message)
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def limited_stream(request: Any, context: aio.ServicerContext) -> Any:
+                await refuse(context)
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    self.release()
+
+            return limited_stream
+
+        async def limited(request: Any, context: aio.ServicerContext) -> Any:
+            await refuse(context)
+            try:
+                return await behavior(request, context)
+            finally:
+                self.release()
+
+        return limited
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Rejects calls without a valid bearer token; health and reflection pass, their streaming
+    calls limited to ``max_exempt_streams`` at once (with or without a token, open server too)."""
+
+    def __init__(self, auth: Authenticator, *, max_exempt_streams: int) -> None:
         self._auth = auth
+        self.exempt_streams = ExemptStreams(max_exempt_streams)
 
     async def intercept_service(
         self,
@@ -129,7 +224,12 @@ class AuthInterceptor(aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         method = handler_call_details.method or ""
-        if handler is None or not self._auth.required or method.startswith(EXEMPT_PREFIXES):
+        if handler is None:
+            return handler
+        if method.startswith(EXEMPT_PREFIXES):
+            streaming = handler.request_streaming or handler.response_streaming
+            return self.exempt_streams.wrap(handler) if streaming else handler
+        if not self._auth.required:
             return handler
         if self._auth.tenant(handler_call_details.invocation_metadata) is None:
             return _abort_handler(

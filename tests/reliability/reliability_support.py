@@ -19,7 +19,9 @@ __all__ = ["RedisProcess", "ServerThread"]
 
 
 class RedisProcess:
-    """A private ``redis-server`` on ``port`` (no persistence), started and stopped by the test."""
+    """A private ``redis-server`` on ``port``, started and stopped by the test. It runs without
+    persistence (no RDB, no AOF): after :meth:`stop` and :meth:`start` it is empty, so every entry
+    written before is gone (NOT_FOUND), as with a production Redis configured that way."""
 
     def __init__(self, port: int, log: Path) -> None:
         self.port = port
