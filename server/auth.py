@@ -161,6 +161,7 @@ class ExemptStreams:
         self.active += 1
 
     def release(self) -> None:
+        """Give back a slot taken by :meth:`acquire`."""
         self.active -= 1
 
     def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
@@ -181,7 +182,7 @@ class ExemptStreams:
         """``behavior`` counted against the cap; async generators (reflection) and coroutines
         that write with ``context.write`` (health Watch) alike."""
 
-        async def refuse(context: aio.ServicerContext) -> None:
+        async def acquire_or_abort(context: aio.ServicerContext) -> None:
             try:
                 self.acquire()
             except ResourceExhausted as e:
@@ -190,7 +191,7 @@ class ExemptStreams:
         if inspect.isasyncgenfunction(behavior):
 
             async def limited_stream(request: Any, context: aio.ServicerContext) -> Any:
-                await refuse(context)
+                await acquire_or_abort(context)
                 try:
                     async for response in behavior(request, context):
                         yield response
@@ -200,7 +201,7 @@ class ExemptStreams:
             return limited_stream
 
         async def limited(request: Any, context: aio.ServicerContext) -> Any:
-            await refuse(context)
+            await acquire_or_abort(context)
             try:
                 return await behavior(request, context)
             finally:
