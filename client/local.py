@@ -17,6 +17,7 @@ import torch
 from kvpack import codec
 from kvpack.client import messages
 from kvpack.client.result import CompressResult, EntryInfo, LayerStats, ServerInfo
+from kvpack.codec.selection import policy_for_layout
 from kvpack.errors import DataLoss, InvalidArgument, NotFound
 from kvpack.v1 import kvpack_pb2 as pb
 
@@ -31,15 +32,15 @@ class _Entry:
     created_unix: float
 
 
-def _quant_settings(quant: Any) -> Any:
+def _quant_settings(quant: Any, num_layers: int, seq_len: int) -> Any:
     """``codec.QuantSettings`` from whatever ``compress`` accepts (fields left unset keep the
-    codec's defaults)."""
+    codec's defaults), checked against the layout as the server checks it."""
     msg = messages.quant_message(quant)
     given: dict[str, Any] = {n: getattr(msg, n) for n in _STRING_FIELDS if getattr(msg, n)}
     given |= {n: getattr(msg, n) for n in _OPTIONAL_FIELDS if msg.HasField(n)}  # type: ignore[arg-type]
     try:
         settings = codec.QuantSettings(**given)
-        settings.validate()
+        settings.validate_for_layout(num_layers=num_layers, seq_len=seq_len)
     except (TypeError, ValueError) as e:
         raise InvalidArgument(f"quant: {e}") from e
     return settings
@@ -94,6 +95,20 @@ class LocalKVPack:
         )  # fmt: skip
         k_layers, v_layers = upload.keys, upload.values
         batch, kv_heads, n, _ = k_layers[0].shape
+        # Every setting against the layout before any work, as the server's plan() does.
+        settings: Any = _quant_settings(quant, len(k_layers), n) if store else None
+        if policy != "none":
+            try:
+                policy_for_layout(
+                    policy,
+                    dict(policy_settings or {}),
+                    num_layers=len(k_layers),
+                    seq_len=n,
+                    ratio=ratio,
+                    n_keep=n_keep,
+                )
+            except ValueError as e:
+                raise InvalidArgument(f"policy {policy}: {e}") from e
         timings: dict[str, float] = {}
         start = time.perf_counter()
         try:
@@ -137,7 +152,7 @@ class LocalKVPack:
                 comp_v,
                 # As the server stores them, so both give byte-identical containers.
                 indices=None if policy == "none" else indices,
-                settings=_quant_settings(quant),
+                settings=settings,
                 meta=_container_meta(upload.header),
                 seq_len=n,
             )

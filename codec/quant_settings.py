@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Self
 
+from kvpack.codec import quant
 from kvpack.codec.coerce import settings_kwargs
+from kvpack.codec.policy_settings import Range, check_range, shown
 
 MODES = ("lossy", "fixed", "lossless")
 K_GROUPINGS = ("channel", "block")
@@ -17,6 +19,15 @@ ENTROPY_CODERS = ("auto", "huffman", "zstd")
 # 16-bit-limited Huffman code has room for it).
 MIN_ERROR_BOUND = 2.0**-12
 MAX_TOKENS = 1 << 20
+# Upper estimates of what container._write puts in its JSON header, in bytes: per layer (shapes,
+# field names, the indices and window section records), per block record
+# ``[offset,length,crc32,"coder"],`` (offsets below 10 TB) and per codebook symbol (``16,``), plus
+# the settings and meta once. A request whose estimate exceeds container.MAX_HEADER_BYTES is
+# refused before any work instead of failing after every layer was encoded.
+HEADER_BYTES_PER_LAYER = 1024
+HEADER_BYTES_PER_BLOCK = 50
+HEADER_BYTES_PER_SYMBOL = 3
+HEADER_BYTES_FIXED = 16 << 10
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,10 @@ class QuantSettings:
         tokens; "block" = one range per (block, batch row) across heads and channels.
     block_tokens: tokens per encoded block (K and V). k_window / v_window: newest tokens kept in
         full precision (0 allowed). entropy: coder for quantised symbols per block.
+
+    `validate` checks the ranges that hold for any cache; `validate_for_layout` also bounds
+    block_tokens and the windows by the request's seq_len and the number of blocks by what a
+    container header holds.
     """
 
     mode: str = "lossy"
@@ -52,7 +67,7 @@ class QuantSettings:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
-                    f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}"
+                    f"{name} must be one of {list(allowed)}, got {shown(getattr(self, name))}"
                 )
         for name in ("k_error_bound", "v_error_bound"):
             eb = getattr(self, name)
@@ -66,6 +81,72 @@ class QuantSettings:
                 or not lo <= value <= MAX_TOKENS
             ):
                 raise ValueError(f"{name} must be an int in [{lo}, {MAX_TOKENS}], got {value!r}")
+
+    def validate_for_layout(self, *, num_layers: int, seq_len: int) -> None:
+        """Raise ValueError naming the first field out of range for encoding `num_layers` layers
+        of at most `seq_len` tokens: block_tokens and the windows no longer than the sequence
+        (their defaults always allowed), and no more blocks than a container header holds.
+        Called before any tensor of the request is received."""
+        self.validate()
+        defaults = QuantSettings()
+        at_most = f"at most seq_len={seq_len}"
+        for name in ("k_window", "v_window"):
+            check_range(
+                name, getattr(self, name), Range(0, seq_len, at_most), getattr(defaults, name)
+            )
+        fewest = self._fewest_block_tokens(num_layers, seq_len)
+        if fewest is None:
+            raise ValueError(
+                f"a container of {num_layers} layers with k_error_bound={self.k_error_bound!r} "
+                f"and v_error_bound={self.v_error_bound!r} has codebooks larger than its "
+                "header holds: raise the error bounds"
+            )
+        blocks = self.block_count(num_layers, seq_len)
+        why = (
+            f"{at_most}; at least {fewest} to fit {num_layers} layers' blocks in a container "
+            f"header: {self.block_tokens} makes {blocks} blocks"
+        )
+        check_range(
+            "block_tokens", self.block_tokens, Range(fewest, seq_len, why), defaults.block_tokens
+        )
+
+    def block_count(self, num_layers: int, seq_len: int) -> int:
+        """Blocks (K and V) of `num_layers` layers of `seq_len` tokens, at most: each stream's
+        whole blocks older than its window (layer_codec.encoded_tokens)."""
+        per_layer = sum(
+            max(0, seq_len - window) // self.block_tokens
+            for window in (self.k_window, self.v_window)
+        )
+        return num_layers * per_layer
+
+    def header_bytes(self, num_layers: int, seq_len: int) -> int:
+        """Upper estimate of the container header's size in bytes (see HEADER_BYTES_*)."""
+        symbols = 0
+        if self.mode == "lossy" and self.entropy != "zstd":  # Huffman codebooks, one per stream
+            symbols = sum(quant.levels(eb) for eb in (self.k_error_bound, self.v_error_bound))
+        per_layer = HEADER_BYTES_PER_LAYER + HEADER_BYTES_PER_SYMBOL * symbols
+        blocks = self.block_count(num_layers, seq_len)
+        return HEADER_BYTES_FIXED + num_layers * per_layer + HEADER_BYTES_PER_BLOCK * blocks
+
+    def _fewest_block_tokens(self, num_layers: int, seq_len: int) -> int | None:
+        """The smallest block_tokens whose container header fits, or None if none does."""
+        # Imported here: the container module imports this one.
+        from kvpack.codec.container import MAX_HEADER_BYTES
+
+        def fits(block_tokens: int) -> bool:
+            trial = dataclasses.replace(self, block_tokens=block_tokens)
+            return trial.header_bytes(num_layers, seq_len) <= MAX_HEADER_BYTES
+
+        lo, hi = 1, max(1, seq_len + 1)  # seq_len + 1 tokens per block: no blocks at all
+        if not fits(hi):
+            return None
+        while lo < hi:  # header_bytes never grows with block_tokens
+            mid = (lo + hi) // 2
+            if fits(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def to_dict(self) -> dict[str, str]:
         """Every field as a string (repr for floats, so from_mapping round-trips exactly)."""

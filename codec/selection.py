@@ -8,12 +8,13 @@ With B = 1 and a structured policy there is never padding.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 from kvpack.codec.budgets import Budget
 from kvpack.codec.policies import POLICIES, EvictionInput, Policy
+from kvpack.codec.policy_settings import ANY_LAYOUT, Extent, shown
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -86,12 +87,37 @@ def _layout_of_cache(
     return len(tensors), batch, hkv, n
 
 
-def make_policy(policy: str, settings: dict[str, object]) -> Policy:
-    """The named policy with its settings parsed from `settings` (values may be strings)."""
+def make_policy(policy: str, settings: dict[str, object], extent: Extent = ANY_LAYOUT) -> Policy:
+    """The named policy with its settings parsed from `settings` (values may be strings) and
+    checked against the ranges for `extent` (by default the codec's largest layout)."""
     if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r} (known: {sorted(POLICIES)})")
+        raise ValueError(f"unknown policy {shown(policy)} (known: {sorted(POLICIES)})")
     cls = POLICIES[policy]
-    return cls(cls.settings_type.from_mapping(settings))
+    return cls(cls.settings_type.from_mapping(settings, extent))
+
+
+def policy_for_layout(
+    policy: str,
+    settings: Mapping[str, object],
+    *,
+    num_layers: int,
+    seq_len: int,
+    ratio: float | None = None,
+    n_keep: int | None = None,
+) -> Policy:
+    """The named policy, its settings checked against a cache of `num_layers` layers of `seq_len`
+    tokens and its budget (`ratio` or `n_keep`, as for `select`), before any tensor exists.
+
+    This is the one check of a request's policy settings (the server's plan() and LocalKVPack
+    call it): ValueError naming the first unknown setting, or the first value that does not
+    parse or lies outside its range, with the value and the allowed range.
+    """
+    budget = Budget(num_layers, seq_len, ratio=ratio, n_keep=n_keep)
+    layer_budget = -(-budget.entries() // num_layers)  # token slots per layer, rounded up
+    pol = make_policy(policy, dict(settings), Extent(seq_len, layer_budget))
+    # Defaults were not in `settings`: they are checked (and always allowed) here.
+    pol.settings.validate_for_layout(seq_len=seq_len, layer_budget=layer_budget)
+    return pol
 
 
 def select(

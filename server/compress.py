@@ -37,7 +37,9 @@ import torch
 from grpc import aio
 
 from kvpack import codec, wire
-from kvpack.codec.selection import make_policy
+from kvpack.codec.container import MAX_META_CHARS
+from kvpack.codec.policy_settings import shown
+from kvpack.codec.selection import policy_for_layout
 from kvpack.errors import InvalidArgument, KVPackError, ResourceExhausted
 from kvpack.server import container, keys
 from kvpack.server.rpc import DRAIN_SECONDS, ChunkWriter, check_deadline, drain
@@ -92,7 +94,9 @@ class Plan:
         return {"n_keep": min(self.seq_len, max(1, share + (1 if layer < extra else 0)))}
 
 
-def _quant_settings(q: pb.QuantSettings) -> Any:
+def _quant_settings(q: pb.QuantSettings, layout: pb.Layout, store: bool) -> Any:
+    """codec.QuantSettings of the header; when the cache is stored (encoded), also checked
+    against the layout (windows, blocks per container header)."""
     mapping: dict[str, object] = {}
     for name in ("mode", "k_grouping", "entropy"):
         if getattr(q, name):
@@ -101,13 +105,44 @@ def _quant_settings(q: pb.QuantSettings) -> Any:
         if q.HasField(name):  # type: ignore[arg-type]
             mapping[name] = getattr(q, name)
     try:
-        return codec.QuantSettings.from_mapping(mapping)
+        settings = codec.QuantSettings.from_mapping(mapping)
+        if store:
+            settings.validate_for_layout(num_layers=layout.num_layers, seq_len=layout.seq_len)
     except ValueError as e:
         raise InvalidArgument(f"quant settings: {e}") from e
+    return settings
+
+
+def _check_header_strings(header: pb.CompressHeader) -> None:
+    """The model fingerprint and token ids, before any work: the model is stored in the
+    container meta (at most MAX_META_CHARS characters) and the store's entry settings."""
+    model = header.model
+    if len(model) > MAX_META_CHARS:
+        raise InvalidArgument(
+            f"model is {len(model)} characters, at most {MAX_META_CHARS} (the container meta's "
+            "limit)"
+        )
+    if not model.isprintable():
+        raise InvalidArgument(f"model {shown(model)} has control characters (printable only)")
+    if header.token_ids and not model:
+        raise InvalidArgument("token_ids given without model: content keys need both")
+    lay = header.layout
+    most = lay.batch_size * lay.seq_len  # a cache of B rows of n tokens comes from B*n tokens
+    if len(header.token_ids) > most:
+        raise InvalidArgument(
+            f"token_ids has {len(header.token_ids)} ids, at most batch_size*seq_len={most} "
+            "(the tokens the cache was computed from)"
+        )
 
 
 def plan(header: pb.CompressHeader, servicer: KVPackServicer) -> Plan:
-    """Validate the header against the proto contract and the server's limits."""
+    """Validate the header against the proto contract and the server's limits.
+
+    Everything the header decides is checked here, before any tensor is received or any codec
+    work queued: the layout, the budget, every policy and quantisation setting against the
+    layout (codec.policy_for_layout, QuantSettings.validate_for_layout), the store key, the
+    model and the token ids.
+    """
     cfg = servicer.config
     lay = header.layout
     q_heads = lay.num_query_heads or lay.num_kv_heads
@@ -132,6 +167,14 @@ def plan(header: pb.CompressHeader, servicer: KVPackServicer) -> Plan:
     dtype = wire.dtype_to_torch(lay.dtype)
     if dtype not in _FLOAT:
         raise InvalidArgument("layout.dtype must be FLOAT32, FLOAT16 or BFLOAT16")
+    # The server's own limit first: settings are checked against a cache it would accept.
+    shape = (lay.num_layers, lay.batch_size, lay.num_kv_heads, lay.seq_len, lay.head_dim)
+    raw = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if raw > cfg.max_request_bytes:
+        raise ResourceExhausted(
+            f"the cache is {raw} raw bytes, over this server's --max-request-bytes="
+            f"{cfg.max_request_bytes}"
+        )
     policy = header.policy or "kvcompose"
     settings: dict[str, object] = dict(header.policy_settings)
     needs_scores = per_layer = False
@@ -141,7 +184,7 @@ def plan(header: pb.CompressHeader, servicer: KVPackServicer) -> Plan:
     else:
         if policy not in codec.POLICIES:
             known = ", ".join([*sorted(codec.POLICIES), "none"])
-            raise InvalidArgument(f"unknown policy {policy!r} (known: {known})")
+            raise InvalidArgument(f"unknown policy {shown(policy)} (known: {known})")
         if header.HasField("ratio") == header.HasField("n_keep"):
             raise InvalidArgument("give exactly one of ratio and n_keep")
         if header.HasField("ratio") and not 0 <= header.ratio < 1:
@@ -150,16 +193,22 @@ def plan(header: pb.CompressHeader, servicer: KVPackServicer) -> Plan:
         if header.HasField("n_keep") and not 1 <= header.n_keep <= total:
             raise InvalidArgument(f"n_keep must be in [1, L*n={total}], got {header.n_keep}")
         try:
-            pol = make_policy(policy, dict(settings))
+            pol = policy_for_layout(
+                policy,
+                settings,
+                num_layers=lay.num_layers,
+                seq_len=lay.seq_len,
+                ratio=header.ratio if header.HasField("ratio") else None,
+                n_keep=header.n_keep if header.HasField("n_keep") else None,
+            )
         except ValueError as e:
             raise InvalidArgument(f"policy {policy}: {e}") from e
         needs_scores = pol.needs_scores
         per_layer = pol.needs_keys or pol.needs_values or not pol.needs_scores
     if header.key:
         keys.validate_key(header.key)
-    if header.token_ids and not header.model:
-        raise InvalidArgument("token_ids given without model: content keys need both")
-    p = Plan(
+    _check_header_strings(header)
+    return Plan(
         header=header,
         policy=policy,
         num_layers=lay.num_layers,
@@ -169,18 +218,11 @@ def plan(header: pb.CompressHeader, servicer: KVPackServicer) -> Plan:
         head_dim=lay.head_dim,
         seq_len=lay.seq_len,
         dtype=dtype,
-        quant=_quant_settings(header.quant),
+        quant=_quant_settings(header.quant, lay, header.store),
         needs_scores=needs_scores,
         per_layer_select=per_layer,
         settings=settings,
     )
-    raw = 2 * p.num_layers * p.layer_bytes
-    if raw > cfg.max_request_bytes:
-        raise ResourceExhausted(
-            f"the cache is {raw} raw bytes, over this server's --max-request-bytes="
-            f"{cfg.max_request_bytes}"
-        )
-    return p
 
 
 @dataclasses.dataclass

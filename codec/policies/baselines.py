@@ -15,8 +15,13 @@ import torch.nn.functional as F
 
 from kvpack.codec.budgets import pyramid_split
 from kvpack.codec.policies.base import EvictionInput, Policy
-from kvpack.codec.policy_settings import PolicySettings
+from kvpack.codec.policy_settings import Extent, PolicySettings, Range, positions, slots
 from kvpack.codec.stats import reduce_gqa
+
+# Widest SnapKV / PyramidKV pooling kernel (their papers and kvpress use 5 to 13).
+MAX_KERNEL_SIZE = 63
+# Steepest PyramidKV pyramid (see PyramidKVSettings.ranges).
+MAX_BETA = float(1 << 24)
 
 
 def _protect_last(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -30,12 +35,14 @@ def _protect_last(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class StreamingSettings(PolicySettings):
-    """n_sink: leading attention-sink positions always kept (StreamingLLM uses 4)."""
+    """n_sink: leading attention-sink positions always kept (StreamingLLM uses 4), 0..seq_len."""
 
     n_sink: int = 4
 
-    def validate(self) -> None:
-        self.non_negative("n_sink")
+    @classmethod
+    def ranges(cls, extent: Extent) -> dict[str, Range]:
+        # More sinks than tokens keep every token: nothing a caller can mean.
+        return {"n_sink": positions(extent)}
 
 
 class Streaming(Policy):
@@ -61,8 +68,9 @@ class Streaming(Policy):
 
 @dataclass(frozen=True)
 class SnapKVSettings(PolicySettings):
-    """kernel_size: odd pooling width over positions; pooling: "max" (SnapKV paper) or "avg"
-    (kvpress); window_size: last positions always kept (the observation window), 0 for none.
+    """kernel_size: odd pooling width over positions, 1..min(seq_len, MAX_KERNEL_SIZE);
+    pooling: "max" (SnapKV paper) or "avg" (kvpress); window_size: last positions always kept
+    (the observation window), 0 for none, at most the token slots a layer keeps on average.
     """
 
     kernel_size: int = 5
@@ -71,10 +79,19 @@ class SnapKVSettings(PolicySettings):
 
     choices: ClassVar = {"pooling": ("max", "avg")}
 
+    @classmethod
+    def ranges(cls, extent: Extent) -> dict[str, Range]:
+        # Pooling costs O(n * kernel_size) per head (torch pools naively), so the kernel is
+        # bounded by the sequence and by MAX_KERNEL_SIZE: the work stays a small multiple of the
+        # scores received. The observation window is kept in every layer: the budget pays for it.
+        widest = min(extent.seq_len, MAX_KERNEL_SIZE)
+        widest -= 1 - widest % 2  # the largest odd width
+        kernel = Range(1, widest, f"odd, at most {MAX_KERNEL_SIZE} and seq_len={extent.seq_len}")
+        return {"kernel_size": kernel, "window_size": slots(extent)}
+
     def validate(self) -> None:
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError(f"setting 'kernel_size' must be odd and >= 1, got {self.kernel_size}")
-        self.non_negative("window_size")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"setting 'kernel_size' must be odd, got {self.kernel_size}")
 
 
 class SnapKV(Policy):
@@ -103,14 +120,16 @@ class SnapKV(Policy):
 
 @dataclass(frozen=True)
 class PyramidKVSettings(SnapKVSettings):
-    """SnapKV's settings plus beta: pyramid steepness, last layer gets mean budget / beta."""
+    """SnapKV's settings plus beta: pyramid steepness, last layer gets mean budget / beta
+    (finite, 1..MAX_BETA)."""
 
     beta: float = 20.0
 
-    def validate(self) -> None:
-        super().validate()
-        if self.beta < 1:
-            raise ValueError(f"setting 'beta' must be >= 1, got {self.beta}")
+    @classmethod
+    def ranges(cls, extent: Extent) -> dict[str, Range]:
+        # Finite: NaN or inf would reach pyramid_split's floor(). Past MAX_BETA the last layer's
+        # share (mean / beta) is below one slot for any budget a container holds.
+        return {**super().ranges(extent), "beta": Range(1, MAX_BETA)}
 
 
 class PyramidKV(SnapKV):
@@ -167,9 +186,15 @@ class KNorm(Policy):
 
 @dataclass(frozen=True)
 class RandomSettings(PolicySettings):
-    """seed: the draw depends only on (seed, L, Hkv, n), so every batch row keeps the same."""
+    """seed: the draw depends only on (seed, L, Hkv, n), so every batch row keeps the same;
+    0..2^64-1."""
 
     seed: int = 0
+
+    @classmethod
+    def ranges(cls, extent: Extent) -> dict[str, Range]:
+        # What torch.Generator.manual_seed takes (it maps negative seeds onto this range).
+        return {"seed": Range(0, 2**64 - 1)}
 
 
 class Random(Policy):

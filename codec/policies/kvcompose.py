@@ -15,7 +15,7 @@ import torch
 
 from kvpack.codec.budgets import top_counts, uniform_split
 from kvpack.codec.policies.base import EvictionInput, Policy, positions_from_order
-from kvpack.codec.policy_settings import PolicySettings
+from kvpack.codec.policy_settings import Extent, PolicySettings, Range, slots
 
 # kvpress's floor bonus; large enough to outrank any attention-derived score.
 FLOOR_BONUS = 1e9
@@ -29,7 +29,9 @@ class KVComposeSettings(PolicySettings):
     scores with `scores_from_attention(agg=agg_task)`, as select receives reduced scores.
     agg_group: GQA group reduction. agg_head: composite score over heads. add_v_norm: weight
     scores by ||V||_2. add_mean_across_heads: add the head-mean score. keep_token_lower_bound:
-    minimum slots per layer. structured: composite (uniform-per-layer) layout or per-head budgets.
+    minimum slots per layer (a request's layout bounds it by the slots a layer keeps on average;
+    select() alone caps it at n, as kvpress does). structured: composite (uniform-per-layer)
+    layout or per-head budgets.
     """
 
     agg_task: str = "max"
@@ -46,8 +48,10 @@ class KVComposeSettings(PolicySettings):
         "agg_head": ("max", "mean"),
     }
 
-    def validate(self) -> None:
-        self.non_negative("keep_token_lower_bound")
+    @classmethod
+    def ranges(cls, extent: Extent) -> dict[str, Range]:
+        # A floor above the budget would keep more than was asked for in every layer.
+        return {"keep_token_lower_bound": slots(extent)}
 
 
 class KVCompose(Policy):

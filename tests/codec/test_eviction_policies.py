@@ -49,7 +49,11 @@ def test_settings_from_wire_strings() -> None:
         ({"agg_head": "median"}, "'agg_head' must be one of"),
         ({"keep_token_lower_bound": "6.5"}, "'keep_token_lower_bound' must be an integer"),
         ({"keep_token_lower_bound": True}, "must be an integer"),
-        ({"keep_token_lower_bound": "-1"}, "must be >= 0"),
+        (
+            {"keep_token_lower_bound": "-1"},
+            r"'keep_token_lower_bound'=-1 is out of range: allowed \[0, ",
+        ),
+        ({"keep_token_lower_bound": "99999999999999999999"}, "'keep_token_lower_bound'=.* allowed"),
         ({"add_v_norm": "maybe"}, "'add_v_norm' must be a boolean"),
         ({"agg_task": 3}, "'agg_task' must be a string"),
     ],
