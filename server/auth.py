@@ -27,6 +27,7 @@ from grpc import aio
 
 from kvpack.errors import InvalidArgument, ResourceExhausted
 from kvpack.server.keys import TENANT_PATTERN
+from kvpack.server.rpc import drain
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,24 @@ class Authenticator:
         return found
 
 
+#: A call without a valid token whose client is still uploading reads at most this much (and
+#: for at most DENY_DRAIN_SECONDS) before its UNAUTHENTICATED: answered while the client still
+#: writes, grpc.aio clients report INTERNAL "Internal error from Core" instead (see rpc.drain).
+#: Small, so that calls without a token hold nothing for long.
+DENY_DRAIN_BYTES = 1 << 20
+DENY_DRAIN_SECONDS = 0.5
+
+
 def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same streaming kind as ``handler`` that fails with UNAUTHENTICATED."""
 
     async def deny(request: Any, context: aio.ServicerContext) -> None:
+        if handler.request_streaming:
+            await drain(request, DENY_DRAIN_BYTES, DENY_DRAIN_SECONDS)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def deny_stream(request: Any, context: aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await deny(request, context)
         yield  # pragma: no cover - abort raises; this makes the function an async generator
 
     kw = {

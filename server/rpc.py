@@ -47,19 +47,21 @@ DRAIN_BYTES = 64 << 20
 DRAIN_SECONDS = 2.0
 
 
-async def drain(requests: AsyncIterator[Any]) -> None:
-    """Discard the rest of a client stream, within DRAIN_BYTES / DRAIN_SECONDS."""
+async def drain(
+    requests: AsyncIterator[Any], max_bytes: int = DRAIN_BYTES, seconds: float = DRAIN_SECONDS
+) -> None:
+    """Discard the rest of a client stream, within ``max_bytes`` / ``seconds``."""
     seen = 0
 
     async def consume() -> None:
         nonlocal seen
         async for message in requests:
             seen += message.ByteSize()
-            if seen > DRAIN_BYTES:
+            if seen > max_bytes:
                 return
 
     with contextlib.suppress(Exception):  # timeout, or the stream itself failed: stop draining
-        await asyncio.wait_for(consume(), DRAIN_SECONDS)
+        await asyncio.wait_for(consume(), seconds)
 
 
 class ChunkWriter:

@@ -39,7 +39,7 @@ from redis import exceptions as rexc
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from kvpack.errors import DataLoss, NotFound, Unavailable
+from kvpack.errors import DataLoss, NotFound, ResourceExhausted, Unavailable
 from kvpack.server.stores.base import Entry, EntryMeta, Store, Usage
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,9 @@ for i, member in ipairs(ARGV) do
 end
 return removed
 """
-_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+# Every error redis-py raises: an outage is UNAVAILABLE, a full Redis (maxmemory with
+# noeviction) RESOURCE_EXHAUSTED, and nothing reaches the client as INTERNAL.
+_ERRORS = (rexc.RedisError, OSError)
 
 
 def shown(key: str) -> str:
@@ -97,9 +99,18 @@ class RedisStore(Store):
     def _k(self, key: str) -> str:
         return f"{self.prefix}e:{key}"
 
-    def _unavailable(self, e: Exception) -> Unavailable:
+    def _unavailable(self, e: Exception) -> Unavailable | ResourceExhausted:
+        """The status of a failed Redis command: RESOURCE_EXHAUSTED when Redis is full (not
+        retried by clients: retrying cannot help), UNAVAILABLE otherwise."""
         self.on_error()
-        return Unavailable(f"redis store at {self.url} is unreachable: {type(e).__name__}: {e}")
+        if isinstance(e, rexc.OutOfMemoryError):
+            return ResourceExhausted(
+                f"redis store at {self.url} is full (its maxmemory is reached and its policy "
+                f"evicts nothing): {e}"
+            )
+        if isinstance(e, (rexc.ConnectionError, rexc.TimeoutError, OSError)):
+            return Unavailable(f"redis store at {self.url} is unreachable: {type(e).__name__}: {e}")
+        return Unavailable(f"redis store at {self.url} refused a command: {type(e).__name__}: {e}")
 
     def _meta(self, key: str, raw: bytes | str) -> EntryMeta:
         """Parsed metadata of ``key``; DataLoss naming the key and the damaged field."""

@@ -242,6 +242,34 @@ async def test_redis_outage_fails_fast_and_recovers(
     assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
 
 
+async def test_full_redis_is_resource_exhausted(
+    own_redis: RedisProcess, start_server: Any, channels: Any
+) -> None:
+    # Before: redis-py's OutOfMemoryError reached the client as INTERNAL.
+    import redis
+
+    admin = redis.Redis(host="127.0.0.1", port=own_redis.port)
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", str(int(admin.info("memory")["used_memory"]) + (256 << 10)))
+    admin.close()
+    server = await start_server(store="redis", redis_url=own_redis.url, redis_prefix="full:")
+    stub = pb_grpc.KVPackStub(channels(server.address))
+    small, big = containers(1)[0], codec.encode(
+        [torch.randn(1, 4, 512, 64)] * 2, [torch.randn(1, 4, 512, 64)] * 2,
+        settings=QuantSettings(mode="lossless"),
+    )  # fmt: skip
+    assert len(big) > 512 << 10
+    await stub.Put(put_requests(small, "fits"), timeout=10)
+    with pytest.raises(aio.AioRpcError) as err:
+        await stub.Put(put_requests(big, "too-big"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    assert "is full" in (err.value.details() or "")
+    assert await fetch(stub, "fits", timeout=10) == small  # what was stored is intact
+    with pytest.raises(aio.AioRpcError) as err:
+        await stub.Stat(pb.StatRequest(key="too-big"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 # -- memory budget -------------------------------------------------------------------------------
 
 
