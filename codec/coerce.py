@@ -15,6 +15,12 @@ _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
 
+def _shown(raw: object) -> str:
+    """``repr(raw)`` cut to 40 characters: values come off the wire and can be megabytes."""
+    text = repr(raw)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def coerce_setting(name: str, kind: type, raw: object) -> object:
     """Convert one setting to `kind`; strings are parsed, other values must already fit."""
     if kind is bool:
@@ -22,7 +28,7 @@ def coerce_setting(name: str, kind: type, raw: object) -> object:
             return raw
         if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
             return raw.strip().lower() in _TRUE
-        raise ValueError(f"setting {name!r} must be a boolean (true/false), got {raw!r}")
+        raise ValueError(f"setting {name!r} must be a boolean (true/false), got {_shown(raw)}")
     if kind is int:
         # bool is an int subclass; "true" for a count is almost certainly a mistake.
         if isinstance(raw, int) and not isinstance(raw, bool):
@@ -32,7 +38,7 @@ def coerce_setting(name: str, kind: type, raw: object) -> object:
                 return int(raw.strip(), 10)
             except ValueError:
                 pass
-        raise ValueError(f"setting {name!r} must be an integer, got {raw!r}")
+        raise ValueError(f"setting {name!r} must be an integer, got {_shown(raw)}")
     if kind is float:
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
             return float(raw)
@@ -41,11 +47,11 @@ def coerce_setting(name: str, kind: type, raw: object) -> object:
                 return float(raw.strip())
             except ValueError:
                 pass
-        raise ValueError(f"setting {name!r} must be a number, got {raw!r}")
+        raise ValueError(f"setting {name!r} must be a number, got {_shown(raw)}")
     if kind is str:
         if isinstance(raw, str):
             return raw.strip()
-        raise ValueError(f"setting {name!r} must be a string, got {raw!r}")
+        raise ValueError(f"setting {name!r} must be a string, got {_shown(raw)}")
     raise TypeError(f"setting {name!r} has unsupported type {kind!r}")
 
 

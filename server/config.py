@@ -91,8 +91,9 @@ class ServerConfig:
     max_streams_per_tenant: int = dataclasses.field(
         default=32,
         metadata={
+            "metavar": "STREAMS",
             "help": "concurrent Compress/Fetch/Put streams of one tenant (the open server is "
-            "one tenant); more get RESOURCE_EXHAUSTED, so one tenant cannot take every slot"
+            "one tenant); more get RESOURCE_EXHAUSTED, so one tenant cannot take every slot",
         },
     )
     max_unauthenticated_streams: int = dataclasses.field(
@@ -105,8 +106,9 @@ class ServerConfig:
     idle_timeout: float = dataclasses.field(
         default=30.0,
         metadata={
+            "metavar": "SECONDS",
             "help": "seconds a Compress or Put upload may go without a message before it is "
-            "ended (DEADLINE_EXCEEDED) and its slot and memory are freed"
+            "ended (DEADLINE_EXCEEDED) and its slot and memory are freed",
         },
     )
     max_buffered_bytes: int = dataclasses.field(
@@ -203,7 +205,7 @@ class ServerConfig:
                 flag,
                 dest=f.name,
                 default=argparse.SUPPRESS,
-                metavar=f.name.split("_")[-1].upper(),
+                metavar=f.metadata.get("metavar", f.name.split("_")[-1].upper()),
                 help=f"{f.metadata.get('help', '')} [default: {shown}; env {env}]",
             )
 

@@ -56,6 +56,8 @@ def test_settings_from_wire_strings() -> None:
         ({"keep_token_lower_bound": "99999999999999999999"}, "'keep_token_lower_bound'=.* allowed"),
         ({"add_v_norm": "maybe"}, "'add_v_norm' must be a boolean"),
         ({"agg_task": 3}, "'agg_task' must be a string"),
+        # A megabyte off the wire is shown cut to 40 characters, not echoed whole.
+        ({"keep_token_lower_bound": "x" * (1 << 20)}, r"integer, got 'x{36}\.\.\.$"),
     ],
 )
 def test_settings_errors_name_the_setting(mapping: dict[str, object], message: str) -> None:
