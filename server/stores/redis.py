@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import logging
 from collections.abc import AsyncIterator
+from typing import cast
 
 import redis.asyncio as aredis
 from redis import exceptions as rexc
@@ -63,6 +64,8 @@ return removed
 # Every error redis-py raises: an outage is UNAVAILABLE, a full Redis (maxmemory with
 # noeviction) RESOURCE_EXHAUSTED, and nothing reaches the client as INTERNAL.
 _ERRORS = (rexc.RedisError, OSError)
+# redis-py raises it for "OOM command not allowed"; types-redis does not declare it.
+_OUT_OF_MEMORY = cast(type[Exception], vars(rexc)["OutOfMemoryError"])
 
 
 def shown(key: str) -> str:
@@ -103,7 +106,7 @@ class RedisStore(Store):
         """The status of a failed Redis command: RESOURCE_EXHAUSTED when Redis is full (not
         retried by clients: retrying cannot help), UNAVAILABLE otherwise."""
         self.on_error()
-        if isinstance(e, rexc.OutOfMemoryError):
+        if isinstance(e, _OUT_OF_MEMORY):
             return ResourceExhausted(
                 f"redis store at {self.url} is full (its maxmemory is reached and its policy "
                 f"evicts nothing): {e}"
