@@ -35,6 +35,7 @@ from kvpack.codec.rawbytes import FLOAT_DTYPES, dtype_name, itemsize
 
 MAGIC = b"KVPK"
 VERSION = 1
+CONTAINER_VERSION = VERSION  # the name kvpack.codec exports
 _PREFIX = struct.Struct("<4sHHII")  # magic, version, flags (0), header bytes, header crc32
 MAX_HEADER_BYTES = 16 << 20
 MAX_LAYERS = 4096

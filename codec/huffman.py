@@ -1,4 +1,4 @@
-"""Length-limited canonical Huffman coding; the per-symbol loops are numba kernels (kernels.py).
+"""Length-limited canonical Huffman coding; the per-symbol loops are numba kernels (kernels/).
 
 A codebook is its code lengths (0 = symbol has no code), at most MAX_BITS bits. Codes are
 canonical: sorted by (length, symbol), consecutive integers, MSB first. A block's payload is a

@@ -1,0 +1,51 @@
+"""Fixed-width bit packing of the KIVI-style baseline: `bits` bits per symbol, MSB first."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvpack.codec.kernels.jit import _kernel
+
+
+@_kernel
+def pack_fixed(symbols: np.ndarray, bits: int) -> np.ndarray:
+    """Pack 1-D non-negative symbols (< 2^bits, bits <= 16) with `bits` bits each, MSB first,
+    zero-padded to a byte: uint8 [ceil(len * bits / 8)]."""
+    n = len(symbols)
+    out = np.zeros((n * bits + 7) // 8, dtype=np.uint8)
+    mask = (1 << bits) - 1
+    acc = np.int64(0)
+    nbits = 0
+    w = 0
+    for i in range(n):
+        acc = (acc << bits) | (np.int64(symbols[i]) & mask)
+        nbits += bits
+        while nbits >= 8:
+            nbits -= 8
+            out[w] = (acc >> nbits) & 0xFF
+            w += 1
+        acc &= (1 << nbits) - 1
+    if nbits > 0:
+        out[w] = (acc << (8 - nbits)) & 0xFF
+    return out
+
+
+@_kernel
+def unpack_fixed(data: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """Inverse of pack_fixed: `count` symbols (uint16 [count]) of `bits` bits from uint8 `data`,
+    which must hold at least ceil(count * bits / 8) bytes."""
+    out = np.empty(count, dtype=np.uint16)
+    n = len(data)
+    mask = (1 << bits) - 1
+    acc = np.int64(0)
+    nbits = 0
+    r = 0
+    for i in range(count):
+        while nbits < bits:
+            byte = np.int64(data[r]) if r < n else 0
+            acc = ((acc << 8) | byte) & 0xFFFFFF
+            nbits += 8
+            r += 1
+        nbits -= bits
+        out[i] = (acc >> nbits) & mask
+    return out

@@ -1,0 +1,169 @@
+"""Scalar float helpers of the quantisation kernels: bit casts, exact widening of fp16/bf16/fp32
+bits, rounding back to a dtype, the group step and symbol rules (docs/FORMAT.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import numpy as np
+from llvmlite import ir  # type: ignore[import-untyped]
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# LLVM-level scalar helpers; typed Any because numba calls them with the typing context first.
+_intrinsic = cast(Callable[[Callable[..., Any]], Any], intrinsic)
+# Source/destination float kinds of the quantisation kernels; values travel as their bits
+# (uint16 for fp16/bf16, uint32 for fp32) since numba has no float16/bfloat16 type.
+FP32, FP16, BF16 = 0, 1, 2
+# Grouping of a [nb, B, H, T, d] block view: V = per token (m = d); K "channel" = per channel
+# (m = T); K "block" = per block and batch row (m = H*T*d). Orders as docs/FORMAT.md.
+GROUP_V, GROUP_K_CHANNEL, GROUP_K_BLOCK = 0, 1, 2
+# Smallest normal fp32: a step below it would lose relative precision (subnormal), which would
+# break the bound; such groups span < 2^-126/eb and are still reconstructed within step/2.
+_MIN_STEP = np.float32(2.0**-126)
+_F16_MAX = np.float32(65504.0)
+_BF16_MAX = np.float32(3.3895313892515355e38)
+
+
+@_intrinsic
+def _f32_from_u32(typingctx: Any, u: Any) -> Any:
+    """Reinterpret uint32 bits as float32 (no conversion)."""
+    sig = types.float32(types.uint32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+@_intrinsic
+def _u32_from_f32(typingctx: Any, f: Any) -> Any:
+    """Reinterpret float32 bits as uint32 (no conversion)."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@_intrinsic
+def _f32_from_f16(typingctx: Any, u: Any) -> Any:
+    """fp16 bits (uint16) -> fp32, exact (LLVM fpext: one vcvtph2ps with F16C, no branches)."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return sig, codegen
+
+
+@_intrinsic
+def _f16_from_f32(typingctx: Any, f: Any) -> Any:
+    """fp32 -> fp16 bits (uint16), rounded to nearest even (LLVM fptrunc, IEEE like torch)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@_intrinsic
+def _fma32(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+    """a*b + c in fp32 with one rounding (llvm.fma): torch's addcmul, which dequantised before
+    these kernels, fuses the same way on CPU, and the decoded values must not change."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        f32 = ir.FloatType()
+        fnty = ir.FunctionType(f32, [f32, f32, f32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.fma.f32")
+        return builder.call(fn, args)
+
+    return sig, codegen
+
+
+@njit(nogil=True, error_model="numpy")
+def _load(bits: Any, kind: int) -> tuple[np.float32, bool]:
+    """(value as fp32, finite?) of one element's bits of float kind `kind` (exact widening)."""
+    u = np.uint32(bits)
+    if kind == FP32:
+        return _f32_from_u32(u), (u & 0x7F800000) != 0x7F800000
+    if kind == BF16:
+        return _f32_from_u32(np.uint32(u << np.uint32(16))), (u & 0x7F80) != 0x7F80
+    return _f32_from_f16(np.uint16(u)), (u & 0x7C00) != 0x7C00
+
+
+@njit(nogil=True, error_model="numpy")
+def _store_value(f: np.float32, kind: int) -> tuple[np.uint32, np.float32]:
+    """(bits in float kind `kind`, that value widened back to fp32) of the reconstruction f,
+    clamped to the kind's finite range first (as docs/FORMAT.md: never an inf)."""
+    if kind == FP32:
+        return _u32_from_f32(f), f
+    if kind == BF16:
+        f = min(max(f, -_BF16_MAX), _BF16_MAX)
+        u = np.uint32(_u32_from_f32(f))
+        hb = (u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16
+        return hb, _f32_from_u32(np.uint32(hb << np.uint32(16)))
+    f = min(max(f, -_F16_MAX), _F16_MAX)
+    hb = _f16_from_f32(f)
+    return np.uint32(hb), _f32_from_f16(hb)
+
+
+@njit(nogil=True, error_model="numpy")
+def _step(lo: np.float32, hi: np.float32, eb: np.float32) -> tuple[np.float32, bool]:
+    """(step, ok) of a group with min lo, max hi: max(eb*(hi-lo), 2^-126), 0 for a constant
+    group; ok is False when the range overflows fp32."""
+    rng = hi - lo
+    if rng == 0:
+        return np.float32(0.0), True
+    return max(rng * eb, _MIN_STEP), bool(rng < np.inf)
+
+
+@njit(nogil=True, error_model="numpy")
+def _symbol(v: np.float32, lo: np.float32, step: np.float32, qmax: int) -> int:
+    """clamp(round_half_even((v - lo) / step), 0, qmax) in fp32 (true division)."""
+    r = np.rint((v - lo) / step)
+    return int(min(max(r, np.float32(0.0)), np.float32(qmax)))
+
+
+@njit(nogil=True, error_model="numpy")
+def _widen(bits: np.ndarray, src: int, out: np.ndarray) -> bool:
+    """out[t, c] = element bits [T, m] of float kind `src` as fp32 (exact); True when all are
+    finite. One loop per kind so each vectorises (the kind test is outside the loop)."""
+    t_len, m = bits.shape
+    bad = np.int32(0)
+    if src == FP32:
+        for t in range(t_len):
+            for c in range(m):
+                u = np.uint32(bits[t, c])
+                bad |= np.int32((u & 0x7F800000) == 0x7F800000)
+                out[t, c] = _f32_from_u32(u)
+    elif src == BF16:
+        for t in range(t_len):
+            for c in range(m):
+                u = np.uint32(bits[t, c])
+                bad |= np.int32((u & 0x7F80) == 0x7F80)
+                out[t, c] = _f32_from_u32(np.uint32(u << np.uint32(16)))
+    else:
+        for t in range(t_len):
+            for c in range(m):
+                h = np.uint16(bits[t, c])
+                bad |= np.int32((h & 0x7C00) == 0x7C00)
+                out[t, c] = _f32_from_f16(h)
+    return bad == 0
+
+
+@njit(nogil=True, error_model="numpy", fastmath={"nnan", "ninf", "nsz"})
+def _row_min_max(row: np.ndarray) -> tuple[np.float32, np.float32]:
+    """(min, max) of a finite fp32 row. fastmath lets the reduction vectorise; its only effect
+    on finite input is which of +0/-0 an all-zero minimum keeps (decoded values are equal)."""
+    lo = row[0]
+    hi = row[0]
+    for c in range(1, row.shape[0]):
+        lo = min(lo, row[c])
+        hi = max(hi, row[c])
+    return lo, hi
