@@ -1,24 +1,63 @@
-"""Entropy coding of quantised symbols per block: canonical Huffman or zstd, whichever is smaller.
+"""Entropy coding of one stream's quantised symbols, block by block, behind a coder registry.
 
-Coders recorded per block in the container: "huffman" (codebook per layer and K/V), "zstd"
-(zstd over the symbols as uint8, or uint16 LE above 256 levels), "fixed" (the baseline's
-ceil(log2(levels)) bits per symbol).
+Coders recorded per block in the container (CODERS): "huffman" (canonical Huffman with the
+stream's codebook), "zstd" (one zstd frame of the symbols as uint8, or uint16 LE above 256
+levels), "fixed" (the baseline's ceil(log2(levels)) bits per symbol). Each coder has an encode,
+a structural check and a decode over all of its blocks of a stream at once.
+
+Which coder codes a block (QuantSettings.entropy): "zstd" and "huffman" use that coder for every
+block (Huffman falls back to zstd for a block its codebook cannot code); "auto" codes every
+block with zstd and uses Huffman instead where the block's exact Huffman size, known from its
+symbol histogram without encoding it, is at least HUFFMAN_MARGIN smaller. zstd is the first
+choice because on quantised KV it is as small as Huffman (order-0 literals with a per-block
+table; within +-0.3 % on synthetic caches) or much smaller where rows repeat (the first layer's
+values of repeated tokens: 11 % on the reference model), and its decoder is ~3x faster than
+ours. Nothing is trial-encoded twice except the blocks Huffman wins.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import zstandard
 
-from kvpack.codec import huffman, kernels, lossless, quant
+from kvpack.codec import huffman, kernels, lossless
+from kvpack.codec.stream import StreamSpec
 
-# Level 1, not 3: on quantised KV symbols it is 2-4x faster and no larger (measured on 64-token
-# blocks of Gaussian fp16 at eb 0.05: 1.011x Shannon at ~950 Msym/s vs 1.016-1.031x at 230-430),
-# and "auto" pays this trial on every block.
-ZSTD_LEVEL = 1
+# Huffman replaces zstd in "auto" only when at least this much smaller: below it zstd's faster
+# decoder is worth more than the bytes.
+HUFFMAN_MARGIN = 0.01
+# zstd's "fast" strategy with its large-input level-1 tables, min_match 7: on quantised symbols
+# short matches are mostly noise (min_match 5-6 made V blocks 3-10 % larger than Huffman, 7
+# 0.2 %) while rows repeated exactly still match. 128 KiB window: a block is at most that here.
+ZSTD_PARAMS = zstandard.ZstdCompressionParameters(
+    window_log=17,
+    chain_log=12,
+    hash_log=13,
+    search_log=1,
+    min_match=7,
+    target_length=0,
+    strategy=zstandard.STRATEGY_FAST,
+    write_content_size=True,
+)
+_local = threading.local()  # zstd contexts are not thread-safe: one per thread
+
+
+def _zstd_compressor() -> zstandard.ZstdCompressor:
+    zc = getattr(_local, "zc", None)
+    if zc is None:
+        zc = _local.zc = zstandard.ZstdCompressor(compression_params=ZSTD_PARAMS)
+    return zc
+
+
+def _zstd_decompressor() -> zstandard.ZstdDecompressor:
+    zd = getattr(_local, "zd", None)
+    if zd is None:
+        zd = _local.zd = zstandard.ZstdDecompressor()
+    return zd
 
 
 def shannon_bits(symbols: np.ndarray, n_levels: int) -> float:
@@ -36,15 +75,15 @@ def histogram_bits(hist: np.ndarray) -> float:
     return float(-(counts * np.log2(counts / counts.sum())).sum())
 
 
-def symbol_width(n_levels: int) -> int:
-    """Bytes per symbol in a zstd payload."""
-    return 1 if n_levels <= 256 else 2
+def symbol_dtype(n_levels: int) -> type[np.unsignedinteger]:
+    """numpy dtype of decoded symbols: uint8 up to 256 levels, else uint16."""
+    return np.uint8 if n_levels <= 256 else np.uint16
 
 
 @dataclass(frozen=True)
 class CodedBlocks:
-    """Per-block payloads and the coder of each; `lengths` is the Huffman codebook or None;
-    `histogram` counts every input symbol (int64 [n_levels]), for entropy statistics."""
+    """Per-block payloads and the coder of each; `lengths` is the Huffman codebook used (None
+    when no block is Huffman-coded); `histogram` counts every input symbol (int64 [levels])."""
 
     payloads: list[bytes]
     coders: list[str]
@@ -52,138 +91,223 @@ class CodedBlocks:
     histogram: np.ndarray
 
 
+def _split(symbols: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
+    bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
+    return [symbols[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
+
+
+def _zstd_encode(blocks: Sequence[np.ndarray], spec: StreamSpec) -> list[bytes]:
+    zc = _zstd_compressor()
+    width = "<u2" if spec.symbol_width == 2 else np.uint8
+    return [zc.compress(b.astype(width, copy=False).data) for b in blocks]
+
+
 def encode_symbol_blocks(
     symbols: np.ndarray,
     counts: np.ndarray,
-    n_levels: int,
-    entropy: str,
-    mode: str,
+    spec: StreamSpec,
     lengths: np.ndarray | None = None,
     hists: np.ndarray | None = None,
 ) -> CodedBlocks:
-    """Code consecutive blocks of `symbols` (1-D ints in [0, n_levels), block i holds counts[i]).
+    """Code consecutive blocks of `symbols` (1-D ints in [0, spec.levels), block i holds
+    counts[i]) with the coders spec.mode / spec.entropy choose (module docstring).
 
-    mode "fixed" bit-packs every block. Otherwise `entropy` picks "huffman", "zstd" or "auto"
-    (the smaller per block, Huffman on a tie). `lengths`: an existing codebook to reuse
-    (appends); when None one is built from these symbols. A block with a symbol the codebook
-    cannot code falls back to zstd. `hists`: the blocks' symbol histograms (int64
-    [len(counts), n_levels]) when the caller already has them, else they are counted here.
+    `lengths`: an existing codebook to reuse (appends); when None one is built from these
+    symbols. `hists`: the blocks' symbol histograms (int64 [len(counts), levels]) when the
+    caller already has them, else they are counted here.
     """
     counts = np.asarray(counts, dtype=np.int64)
     symbols = np.ascontiguousarray(symbols).reshape(-1)
-    bounds = np.concatenate(([0], np.cumsum(counts))).tolist()
-    # One pass: per-block histograms give the codebook, each block's exact Huffman size and
-    # codability, and the entropy statistics, so Huffman only runs on blocks it wins.
     if hists is None:
-        hists = kernels.block_histograms(symbols, counts, n_levels)
+        hists = kernels.block_histograms(symbols, counts, spec.levels)
     total = hists.sum(axis=0)
-    blocks = [symbols[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
-    if mode == "fixed":
-        bits = quant.fixed_bits(n_levels)
-        packed = [quant.pack_fixed(blk, bits) for blk in blocks]
-        return CodedBlocks(packed, ["fixed"] * len(counts), None, total)
-    zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
-    width = "<u2" if symbol_width(n_levels) == 2 else np.uint8
-    zstd_payloads: list[bytes | None] = [None] * len(counts)
-    if entropy in ("auto", "zstd"):
-        zstd_payloads = [zc.compress(blk.astype(width, copy=False).data) for blk in blocks]
-        if entropy == "zstd":
-            return CodedBlocks(
-                [p for p in zstd_payloads if p is not None], ["zstd"] * len(counts), None, total
-            )
-    if lengths is None and symbols.size:
+    nb = len(counts)
+    if spec.mode == "fixed":
+        buf, offs = kernels.pack_fixed_blocks(symbols, counts, spec.fixed_bits)
+        raw = buf.tobytes()
+        packed = [raw[offs[i] : offs[i + 1]] for i in range(nb)]
+        return CodedBlocks(packed, ["fixed"] * nb, None, total)
+    blocks = _split(symbols, counts)
+    if spec.entropy == "zstd" or not symbols.size:
+        return CodedBlocks(_zstd_encode(blocks, spec), ["zstd"] * nb, None, total)
+    if lengths is None:
         lengths = huffman.code_lengths(total)
-    use_huff = np.zeros(len(counts), dtype=bool)
-    if lengths is not None:
-        codable = hists[:, lengths == 0].sum(axis=1) == 0
-        use_huff = codable & (counts > 0)
-        if entropy == "auto":
-            huff_size = huffman.payload_bytes(hists, lengths)
-            zstd_size = np.array([len(z) if z is not None else 0 for z in zstd_payloads])
-            use_huff &= huff_size <= zstd_size
-    payloads: list[bytes] = []
-    coders: list[str] = []
-    huff_idx = np.flatnonzero(use_huff)
+    use_huff = (counts > 0) & (hists[:, lengths == 0].sum(axis=1) == 0)  # codable blocks
+    zstd_payloads: list[bytes | None] = [None] * nb
+    if spec.entropy == "auto":
+        zstd_payloads = list(_zstd_encode(blocks, spec))
+        zstd_size = np.array([len(z or b"") for z in zstd_payloads], dtype=np.int64)
+        use_huff &= huffman.payload_bytes(hists, lengths) <= (1 - HUFFMAN_MARGIN) * zstd_size
+    huff_idx = np.flatnonzero(use_huff).tolist()
     huff: list[bytes] = []
-    if len(huff_idx) and lengths is not None:
-        sel = (
-            symbols
-            if len(huff_idx) == len(counts)
-            else np.concatenate([blocks[i] for i in huff_idx])
-        )
+    if huff_idx:
+        sel = symbols if len(huff_idx) == nb else np.concatenate([blocks[i] for i in huff_idx])
         huff = huffman.encode_blocks(sel, counts[huff_idx], lengths)
-    next_huff = iter(huff)
-    for i in range(len(counts)):
-        if use_huff[i]:
-            payloads.append(next(next_huff))
-            coders.append("huffman")
-            continue
-        z = zstd_payloads[i]
-        payloads.append(
-            z if z is not None else zc.compress(blocks[i].astype(width, copy=False).data)
-        )
-        coders.append("zstd")
-    used = lengths if "huffman" in coders else None
-    return CodedBlocks(payloads, coders, used, total)
+    for i, payload in zip(huff_idx, huff, strict=True):
+        zstd_payloads[i] = payload
+    missing = [i for i in range(nb) if zstd_payloads[i] is None]
+    for i, payload in zip(missing, _zstd_encode([blocks[i] for i in missing], spec), strict=True):
+        zstd_payloads[i] = payload
+    coders = ["huffman" if h else "zstd" for h in use_huff.tolist()]
+    payloads = [p for p in zstd_payloads if p is not None]
+    return CodedBlocks(payloads, coders, lengths if huff_idx else None, total)
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+def _check_fixed(
+    payload: bytes | memoryview, count: int, spec: StreamSpec, lengths: np.ndarray | None
+) -> None:
+    need = (count * spec.fixed_bits + 7) // 8
+    if len(payload) != need:
+        raise ValueError(f"fixed-width payload is {len(payload)} bytes, expected {need}")
+
+
+def _check_zstd(
+    payload: bytes | memoryview, count: int, spec: StreamSpec, lengths: np.ndarray | None
+) -> None:
+    lossless.check_frame(payload, count * spec.symbol_width)
+
+
+def _check_huffman(
+    payload: bytes | memoryview, count: int, spec: StreamSpec, lengths: np.ndarray | None
+) -> None:
+    if lengths is None:
+        raise ValueError("Huffman block in a stream without a codebook")
+    huffman.split_payload(payload, count)
+
+
+# A decoder writes block j of `which` (indices into the stream's blocks) to
+# out[pos[which[j]] : pos[which[j]] + counts[which[j]]].
+BlockDecoder = Callable[
+    [
+        list[int],
+        Sequence[bytes | memoryview],
+        np.ndarray,
+        np.ndarray,
+        StreamSpec,
+        np.ndarray | None,
+        np.ndarray,
+    ],
+    None,
+]
+
+
+def _decode_fixed(
+    which: list[int],
+    payloads: Sequence[bytes | memoryview],
+    counts: np.ndarray,
+    pos: np.ndarray,
+    spec: StreamSpec,
+    lengths: np.ndarray | None,
+    out: np.ndarray,
+) -> None:
+    parts = [payloads[i] for i in which]
+    offsets = np.concatenate(([0], np.cumsum([len(p) for p in parts]))).astype(np.int64)
+    data = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    bad = kernels.unpack_fixed_blocks(
+        data, offsets, counts[which], spec.fixed_bits, out, pos[which]
+    )
+    if bad >= 0:
+        _check_fixed(parts[bad], int(counts[which[bad]]), spec, lengths)
+
+
+def _decode_zstd(
+    which: list[int],
+    payloads: Sequence[bytes | memoryview],
+    counts: np.ndarray,
+    pos: np.ndarray,
+    spec: StreamSpec,
+    lengths: np.ndarray | None,
+    out: np.ndarray,
+) -> None:
+    zd = _zstd_decompressor()
+    width = spec.symbol_width
+    dtype = "<u2" if width == 2 else np.uint8
+    for i in which:
+        n = int(counts[i]) * width
+        try:
+            raw = zd.decompress(payloads[i], max_output_size=n)
+        except zstandard.ZstdError as e:
+            raise lossless.LosslessError(f"zstd: {e}") from None
+        if len(raw) != n:
+            raise lossless.LosslessError(f"zstd frame gave {len(raw)} bytes, expected {n}")
+        out[pos[i] : pos[i] + counts[i]] = np.frombuffer(raw, dtype=dtype)
+
+
+def _decode_huffman(
+    which: list[int],
+    payloads: Sequence[bytes | memoryview],
+    counts: np.ndarray,
+    pos: np.ndarray,
+    spec: StreamSpec,
+    lengths: np.ndarray | None,
+    out: np.ndarray,
+) -> None:
+    if lengths is None:
+        raise ValueError("Huffman block in a stream without a codebook")
+    huffman.decode_blocks([payloads[i] for i in which], counts[which], lengths, out, pos[which])
+
+
+@dataclass(frozen=True)
+class Coder:
+    """One symbol coder: `check` tests one block's framing from its size alone (no decoding;
+    ValueError subclasses), `decode` decodes its blocks of a stream into the symbol array."""
+
+    name: str
+    check: Callable[[bytes | memoryview, int, StreamSpec, np.ndarray | None], None]
+    decode: BlockDecoder
+
+
+CODERS: dict[str, Coder] = {
+    c.name: c
+    for c in (
+        Coder("huffman", _check_huffman, _decode_huffman),
+        Coder("zstd", _check_zstd, _decode_zstd),
+        Coder("fixed", _check_fixed, _decode_fixed),
+    )
+}
+
+
+def coder(name: str) -> Coder:
+    """The registered coder `name`; ValueError for an unknown one."""
+    try:
+        return CODERS[name]
+    except KeyError:
+        raise ValueError(f"unknown coder {name!r}") from None
 
 
 def check_symbol_block(
-    coder: str, payload: bytes | memoryview, count: int, n_levels: int, lengths: np.ndarray | None
+    name: str,
+    payload: bytes | memoryview,
+    count: int,
+    spec: StreamSpec,
+    lengths: np.ndarray | None,
 ) -> None:
     """Structural check of one coded block (sizes only, no decoding); ValueError subclasses."""
-    if coder == "fixed":
-        need = (count * quant.fixed_bits(n_levels) + 7) // 8
-        if len(payload) != need:
-            raise ValueError(f"fixed-width payload is {len(payload)} bytes, expected {need}")
-    elif coder == "zstd":
-        lossless.check_frame(payload, count * symbol_width(n_levels))
-    elif coder == "huffman":
-        if lengths is None:
-            raise ValueError("Huffman block in a stream without a codebook")
-        huffman.split_payload(payload, count)
-    else:
-        raise ValueError(f"unknown coder {coder!r}")
+    coder(name).check(payload, count, spec, lengths)
 
 
 def decode_symbol_blocks(
     coders: Sequence[str],
     payloads: Sequence[bytes | memoryview],
-    counts: Sequence[int],
-    n_levels: int,
+    counts: Sequence[int] | np.ndarray,
+    spec: StreamSpec,
     lengths: np.ndarray | None,
 ) -> np.ndarray:
-    """Decode blocks into one array: block i's counts[i] symbols follow block i-1's (uint16).
-    Huffman blocks are decoded together in one pass.
+    """Decode blocks into one array (symbol_dtype(spec.levels)): block i's counts[i] symbols
+    follow block i-1's. Each coder decodes all of its blocks in one call.
 
     ValueError subclasses on any framing or coding inconsistency. Symbols are not checked
-    against n_levels here: the dequantisation kernel does that in its pass over them.
+    against the level count here: the dequantisation kernel does that in its pass over them.
     """
-    bounds = np.concatenate(([0], np.cumsum(counts, dtype=np.int64))).tolist()
-    huff = [i for i, c in enumerate(coders) if c == "huffman"]
-    if len(huff) == len(coders):  # the usual case: the decoder's output is the result
-        if lengths is None:
-            raise ValueError("Huffman block in a stream without a codebook")
-        return huffman.decode_blocks(payloads, counts, lengths)
-    out = np.empty(bounds[-1], dtype=np.uint16)
-    if huff:
-        if lengths is None:
-            raise ValueError("Huffman block in a stream without a codebook")
-        syms = huffman.decode_blocks(
-            [payloads[i] for i in huff], [counts[i] for i in huff], lengths
-        )
-        pos = 0
-        for i in huff:
-            out[bounds[i] : bounds[i + 1]] = syms[pos : pos + counts[i]]
-            pos += counts[i]
-    for i, coder in enumerate(coders):
-        part = out[bounds[i] : bounds[i + 1]]
-        if coder == "fixed":
-            check_symbol_block(coder, payloads[i], counts[i], n_levels, lengths)
-            part[:] = quant.unpack_fixed(payloads[i], counts[i], quant.fixed_bits(n_levels))
-        elif coder == "zstd":
-            width = symbol_width(n_levels)
-            raw = lossless.zstd_exact(payloads[i], counts[i] * width)
-            part[:] = np.frombuffer(raw, dtype="<u2" if width == 2 else np.uint8)
-        elif coder != "huffman":
-            raise ValueError(f"unknown coder {coder!r}")
+    count_arr = np.asarray(counts, dtype=np.int64)
+    pos = np.concatenate(([0], np.cumsum(count_arr))).astype(np.int64)
+    out = np.empty(int(pos[-1]), dtype=symbol_dtype(spec.levels))
+    by_coder: dict[str, list[int]] = {}
+    for i, name in enumerate(coders):
+        by_coder.setdefault(name, []).append(i)
+    for name, which in by_coder.items():
+        coder(name).decode(which, payloads, count_arr, pos, spec, lengths, out)
     return out

@@ -185,17 +185,30 @@ def split_payload(payload: bytes | memoryview, count: int) -> tuple[np.ndarray, 
 
 
 def decode_blocks(
-    payloads: Sequence[bytes | memoryview], counts: Sequence[int], lengths: np.ndarray
+    payloads: Sequence[bytes | memoryview],
+    counts: Sequence[int] | np.ndarray,
+    lengths: np.ndarray,
+    out: np.ndarray | None = None,
+    out_pos: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Decode blocks encoded by encode_blocks; returns all symbols (uint16) concatenated.
+    """Decode blocks encoded by encode_blocks; returns all symbols (uint16) concatenated, or
+    writes block b to out[out_pos[b]:] (uint8 for codebooks of <= 256 symbols, or uint16) and
+    returns `out`.
 
     One compiled pass over all lanes of all blocks (up to three codes per table lookup).
     HuffmanError if a lane table or stream length is inconsistent, any lane holds an invalid
     code, or a lane does not end exactly at its stored bit length.
     """
-    total = sum(counts)
-    if total == 0:
-        return np.zeros(0, dtype=np.uint16)
+    count_arr = np.asarray(counts, dtype=np.int64)
+    if out is None:
+        out = np.empty(int(count_arr.sum()), dtype=np.uint16)
+        out_pos = np.concatenate(([0], np.cumsum(count_arr)[:-1])).astype(np.int64)
+    elif out_pos is None or len(out_pos) != len(count_arr):
+        raise ValueError("out_pos must give one output position per block")
+    elif out.dtype == np.uint8 and len(lengths) > 256:
+        raise ValueError("uint8 output needs a codebook of at most 256 symbols")
+    if not len(count_arr) or int(count_arr.sum()) == 0:
+        return out
     table = decode_table(lengths)
     sizes = [len(p) for p in payloads]
     offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
@@ -203,11 +216,11 @@ def decode_blocks(
     # end-of-lane check catches it: pad so those reads stay inside the buffer.
     pad = bytes(LANE_SYMBOLS * MAX_BITS // 8 + 8)
     buf = np.frombuffer(b"".join([*payloads, pad]), dtype=np.uint8)
-    out = np.empty(total, dtype=np.uint16)
     bad = kernels.huffman_decode(
         buf,
         offsets,
-        np.asarray(counts, dtype=np.int64),
+        count_arr,
+        np.asarray(out_pos, dtype=np.int64),
         table,
         kernels.multi_table(table, MAX_BITS),
         LANE_SYMBOLS,

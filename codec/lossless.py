@@ -1,42 +1,80 @@
 """Lossless mode: byte-plane shuffle + zstd of raw little-endian tensor bytes.
 
 Grouping byte k of every element together puts the slowly varying sign/exponent bytes of floats
-next to each other, which zstd compresses far better than the interleaved layout.
+next to each other, which zstd compresses far better than the interleaved layout. Each plane
+ends a zstd block (the frame is still one frame declaring its content size): a block holding two
+planes gets one literal table for both, and on fp16 caches that cost 8 % of the ratio (1.08x vs
+1.17x), while the near-random low-mantissa plane compresses to itself either way.
 """
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import zstandard
 
-ZSTD_LEVEL = 3
+# Level 1: the same ratio as level 3 on shuffled KV planes, at about twice the speed.
+ZSTD_LEVEL = 1
+_local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
 
 class LosslessError(ValueError):
     """A lossless payload that does not decompress to the expected size."""
 
 
-def shuffle_compress(raw: bytes | memoryview, itemsize: int) -> bytes:
-    """zstd frame (with content size) of `raw` split into `itemsize` byte planes."""
-    data = np.frombuffer(raw, dtype=np.uint8)
+def _compressor() -> zstandard.ZstdCompressor:
+    zc = getattr(_local, "zc", None)
+    if zc is None:
+        zc = _local.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return zc
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    zd = getattr(_local, "zd", None)
+    if zd is None:
+        zd = _local.zd = zstandard.ZstdDecompressor()
+    return zd
+
+
+def shuffle_compress(raw: bytes | memoryview | np.ndarray, itemsize: int) -> bytes:
+    """zstd frame (with content size) of `raw` split into `itemsize` byte planes, one zstd
+    block (or more) per plane."""
+    data = np.frombuffer(raw, dtype=np.uint8) if not isinstance(raw, np.ndarray) else raw
+    data = data.reshape(-1)
     if len(data) % itemsize:
         raise ValueError(f"{len(data)} bytes are not whole {itemsize}-byte elements")
     elements = data.reshape(-1, itemsize)
-    planes = np.empty((itemsize, len(elements)), dtype=np.uint8)
-    # One strided copy per plane: numpy's general transpose copy was 6x slower (measured on
-    # 1.5 MB of fp16).
+    co = _compressor().compressobj(size=len(data))
+    parts = []
+    plane = np.empty(len(elements), dtype=np.uint8)
     for k in range(itemsize):
-        planes[k] = elements[:, k]
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(planes.tobytes())
+        # One strided copy per plane: numpy's general transpose copy was 6x slower (measured
+        # on 1.5 MB of fp16).
+        plane[:] = elements[:, k]
+        parts.append(co.compress(plane.data))
+        if k < itemsize - 1:
+            parts.append(co.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK))
+    parts.append(co.flush())
+    return b"".join(parts)
+
+
+def unshuffle_into(payload: bytes | memoryview, itemsize: int, out: np.ndarray) -> None:
+    """Decode a shuffle_compress frame into `out`, a uint8 array [n, itemsize] (any strides)
+    whose n * itemsize bytes the frame must declare exactly (checked before decompressing)."""
+    nbytes = out.shape[0] * itemsize
+    planes = np.frombuffer(zstd_exact(payload, nbytes), dtype=np.uint8).reshape(itemsize, -1)
+    for k in range(itemsize):  # per plane, as in shuffle_compress
+        out[:, k] = planes[k]
 
 
 def unshuffle_decompress(payload: bytes | memoryview, itemsize: int, nbytes: int) -> bytes:
     """Inverse of shuffle_compress; the frame must declare exactly `nbytes` (checked first, so a
     corrupt size never drives an allocation)."""
-    planes = np.frombuffer(zstd_exact(payload, nbytes), dtype=np.uint8).reshape(itemsize, -1)
-    elements = np.empty((planes.shape[1], itemsize), dtype=np.uint8)
-    for k in range(itemsize):  # per plane, as in shuffle_compress
-        elements[:, k] = planes[k]
+    if nbytes % itemsize:
+        raise LosslessError(f"{nbytes} bytes are not whole {itemsize}-byte elements")
+    elements = np.empty((nbytes // itemsize, itemsize), dtype=np.uint8)
+    unshuffle_into(payload, itemsize, elements)
     return elements.tobytes()
 
 
@@ -44,7 +82,7 @@ def zstd_exact(payload: bytes | memoryview, nbytes: int) -> bytes:
     """Decompress one zstd frame that must declare and hold exactly `nbytes` bytes."""
     check_frame(payload, nbytes)
     try:
-        out = zstandard.ZstdDecompressor().decompress(bytes(payload), max_output_size=nbytes)
+        out = _decompressor().decompress(payload, max_output_size=nbytes)
     except zstandard.ZstdError as e:
         raise LosslessError(f"zstd: {e}") from None
     if len(out) != nbytes:

@@ -8,30 +8,21 @@ A constant group (mx == mn) is stored with step 0 and contributes no symbols.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from kvpack.codec import kernels
+from kvpack.codec.stream import fixed_bits as fixed_bits
+from kvpack.codec.stream import group_shape as group_shape
+from kvpack.codec.stream import levels as levels
 
 _GROUPINGS = {
     "v": kernels.GROUP_V,
     "channel": kernels.GROUP_K_CHANNEL,
     "block": kernels.GROUP_K_BLOCK,
 }
-
-
-def levels(eb: float) -> int:
-    """Number of quantisation levels for relative error bound eb: ceil(1/eb) + 1 (21 at 0.05)."""
-    # The 1e-9 keeps 1/0.05 == 20.000000000000004-style float noise from adding a level.
-    return math.ceil(1.0 / eb - 1e-9) + 1
-
-
-def fixed_bits(n_levels: int) -> int:
-    """Bits per value of the fixed-width baseline: ceil(log2(levels)), at least 1."""
-    return max(1, math.ceil(math.log2(n_levels)))
 
 
 @dataclass(frozen=True)
@@ -50,17 +41,6 @@ class Quantized:
     max_err: float
     sq_err: float
     sq_norm: float
-
-
-def group_shape(grouping: str, shape: tuple[int, ...], block_tokens: int) -> tuple[int, int]:
-    """(groups per block G, values per group m) for blocks of x [B, H, n, d]: "v" = per token
-    (B*H*T, d); "channel" = per key channel (B*H*d, T); "block" = per batch row (B, H*T*d)."""
-    b, h, _, d = shape
-    if grouping == "v":
-        return b * h * block_tokens, d
-    if grouping == "channel":
-        return b * h * d, block_tokens
-    return b, h * block_tokens * d
 
 
 def _float_kind(dtype: torch.dtype) -> int:

@@ -54,6 +54,20 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
     return flat.tobytes()
 
 
+def tensor_to_array(t: torch.Tensor) -> np.ndarray:
+    """Raw little-endian bytes of `t` (any shape, any device) in row-major order as a 1-D uint8
+    array: a view of `t` where it is a contiguous CPU tensor on a little-endian host, else a
+    copy (tensor_to_bytes without the final copy into a bytes object)."""
+    dtype_name(t.dtype)
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return np.zeros(0, dtype=np.uint8)
+    flat = t.reshape(-1).view(torch.uint8).numpy()
+    if not _LITTLE and t.element_size() > 1:
+        flat = np.ascontiguousarray(flat.reshape(-1, t.element_size())[:, ::-1]).reshape(-1)
+    return flat
+
+
 def tensor_from_bytes(
     data: bytes | bytearray | memoryview,
     name: str,

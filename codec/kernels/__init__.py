@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from kvpack.codec.kernels.bitpack import pack_fixed as pack_fixed
+from kvpack.codec.kernels.bitpack import pack_fixed_blocks as pack_fixed_blocks
 from kvpack.codec.kernels.bitpack import unpack_fixed as unpack_fixed
+from kvpack.codec.kernels.bitpack import unpack_fixed_blocks as unpack_fixed_blocks
 from kvpack.codec.kernels.dequantize import dequantize_blocks as dequantize_blocks
 from kvpack.codec.kernels.floats import BF16 as BF16
 from kvpack.codec.kernels.floats import FP16 as FP16

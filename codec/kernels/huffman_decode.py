@@ -201,6 +201,7 @@ def huffman_decode(
     buf: np.ndarray,
     offsets: np.ndarray,
     counts: np.ndarray,
+    out_pos: np.ndarray,
     table: np.ndarray,
     multi: np.ndarray,
     lane_symbols: int,
@@ -208,7 +209,8 @@ def huffman_decode(
     out: np.ndarray,
 ) -> int:
     """Decode Huffman blocks; block b's payload is buf[offsets[b]:offsets[b+1]] (uint8) holding
-    counts[b] symbols, written consecutively to `out` (uint16).
+    counts[b] symbols, written to out[out_pos[b]:] (uint16, or uint8 when the table's symbols
+    are < 256). Nothing is written outside those ranges, even for a corrupt payload.
 
     table: uint32 [2^max_bits] single-code table (length << 16 | symbol; length 0 = no code);
     multi: its multi_table. `buf` must extend at least lane_symbols * max_bits / 8 + 8 bytes past
@@ -217,9 +219,9 @@ def huffman_decode(
     size, codes or lane lengths are inconsistent (checks as huffman.split_payload, plus every
     code valid and every lane ending exactly at its stored bit length).
     """
-    pos_out = 0
     for b in range(len(counts)):
         c = counts[b]
+        pos_out = out_pos[b]
         base = offsets[b]
         size = offsets[b + 1] - base
         nlanes = (c + lane_symbols - 1) // lane_symbols
