@@ -112,28 +112,21 @@ def read_layout(blob: bytes | bytearray | memoryview) -> ChunkLayout:
 def decode_into(
     blob: bytes | bytearray | memoryview, tensors: Sequence[torch.Tensor], chunk: ChunkLayout
 ) -> None:
-    """Decode a container into ``tensors`` (the memory object's groups, shaped as ``chunk``).
-    Every section is checksummed first; FormatError on damage or a shape mismatch, in which
-    case ``tensors`` may hold partial data (the caller releases them)."""
-    if [tuple(t.shape) for t in tensors] != list(chunk.shapes):
-        raise codec.FormatError(
-            f"destination shapes {[tuple(t.shape) for t in tensors]} != {chunk.shapes}"
-        )
-    decoded = codec.decode(blob)
+    """Decode a container into ``tensors`` (the memory object's groups, shaped as ``chunk``),
+    straight through the layout views: no intermediate tensors. Every section is checksummed
+    first; FormatError on damage or a shape mismatch, in which case ``tensors`` may hold partial
+    data (the caller releases them)."""
+    shapes = [tuple(t.shape) for t in tensors]
+    if shapes != list(chunk.shapes):
+        raise codec.FormatError(f"destination shapes {shapes} != {chunk.shapes}")
     views = [
         kv
         for t, d in zip(tensors, chunk.head_dims, strict=True)
         for kv in layout.layers(t, chunk.fmt, d)
     ]
-    if len(views) != len(decoded.keys):
-        raise codec.FormatError(
-            f"{len(decoded.keys)} layers decoded for {len(views)} destination layers"
-        )
-    for (k_dst, v_dst), k, v in zip(views, decoded.keys, decoded.values, strict=True):
-        if k_dst.shape != k.shape or v_dst.shape != v.shape:
-            raise codec.FormatError(
-                f"decoded layer {tuple(k.shape)} does not fit {tuple(k_dst.shape)}"
-            )
-        # The codec decodes into fresh tensors; this is the one copy into LMCache's buffer.
-        k_dst.copy_(k)
-        v_dst.copy_(v)
+    header = codec.read_header(blob)
+    want = [(tuple(k.shape), tuple(v.shape)) for k, v in views]
+    have = list(zip(header.k_shapes, header.v_shapes, strict=True))
+    if want != have:
+        raise codec.FormatError(f"container layers {have} do not fit the chunk's {want}")
+    codec.decode(blob, into=views)
