@@ -25,8 +25,11 @@ import torch
 from kvpack.bench import eviction, machine, report
 
 SECTIONS = ("copy", "eviction", "lossy", "zstd", "service", "concurrency")
+# Run only when named in --only: it needs LMCache's own environment (bench/lmcache.py).
+EXTRA_SECTIONS = ("lmcache",)
 # section -> module exposing run(args) -> dict
 MODULES = {
+    "lmcache": "kvpack.bench.lmcache",
     "copy": "kvpack.bench.memcopy",
     "eviction": "kvpack.bench.eviction",
     "lossy": "kvpack.bench.lossy",
@@ -50,7 +53,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--only",
         default=",".join(SECTIONS),
-        help=f"comma-separated sections to run, from {','.join(SECTIONS)}",
+        help=f"comma-separated sections to run, from {','.join(SECTIONS + EXTRA_SECTIONS)} "
+        f"({','.join(EXTRA_SECTIONS)} only when named)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = per core)")
     parser.add_argument("--workers", type=int, default=2, help="server codec threads")
@@ -58,14 +62,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=4, help="calls per concurrency client")
     parser.add_argument("--profile", action="store_true", help="cProfile lossy encode/decode")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument(
+        "--lmcache-chunks", type=int, default=8, help="chunks per round of the lmcache section"
+    )
+    parser.add_argument(
+        "--lmcache-python",
+        default=None,
+        help="python of an environment with LMCache (default: one built once from the checkout)",
+    )
 
 
 def _sections(only: str) -> list[str]:
     names = [s.strip() for s in only.split(",") if s.strip()]
-    unknown = sorted(set(names) - set(SECTIONS))
+    known = SECTIONS + EXTRA_SECTIONS
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise SystemExit(f"kvpack bench: unknown section(s) {unknown}; known: {list(SECTIONS)}")
-    return [s for s in SECTIONS if s in names]
+        raise SystemExit(f"kvpack bench: unknown section(s) {unknown}; known: {list(known)}")
+    return [s for s in known if s in names]
 
 
 def _shape_line(args: argparse.Namespace) -> str:

@@ -65,15 +65,32 @@ CAPTURED = _Captured()
 class Engine:
     """One LMCache StorageManager built from a config + model metadata spec."""
 
-    def __init__(self, config: dict[str, Any], model: dict[str, Any], workdir: Path) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any] | None,
+        model: dict[str, Any],
+        workdir: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """``config``: the YAML file's content; or None and ``env``: LMCACHE_* variables (the
+        other way vLLM and SGLang deployments configure LMCache)."""
         from lmcache.v1.config import load_engine_config_with_overrides
         from lmcache.v1.event_manager import EventManager
         from lmcache.v1.metadata import LMCacheMetadata
         from lmcache.v1.storage_backend.storage_manager import StorageManager
 
-        path = workdir / f"lmcache-{id(self)}.yaml"
-        path.write_text(json.dumps(config))  # JSON is YAML
-        self.config = load_engine_config_with_overrides(config_file_path=str(path))
+        if config is not None:
+            path = workdir / f"lmcache-{id(self)}.yaml"
+            path.write_text(json.dumps(config))  # JSON is YAML
+            self.config = load_engine_config_with_overrides(config_file_path=str(path))
+        else:
+            saved = dict(os.environ)
+            os.environ.update(env or {})
+            try:
+                self.config = load_engine_config_with_overrides()
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
         self.dtype = getattr(torch, model["dtype"])
         self.metadata = LMCacheMetadata(
             model_name=model["model_name"],
@@ -84,7 +101,7 @@ class Engine:
             kv_dtype=self.dtype,
             kv_shape=tuple(model["kv_shape"]),  # (layers, 2 or 1, chunk, kv heads, head size)
             use_mla=bool(model.get("use_mla", False)),
-            chunk_size=int(config.get("chunk_size", 256)),
+            chunk_size=int(self.config.chunk_size),
         )
         self.manager = StorageManager(self.config, self.metadata, EventManager())
 
@@ -164,7 +181,7 @@ class Driver:
         self.workdir = Path(tempfile.mkdtemp(prefix="kvpack-lmcache-"))
 
     def open(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        engine = Engine(cmd["config"], cmd["model"], self.workdir)
+        engine = Engine(cmd.get("config"), cmd["model"], self.workdir, cmd.get("env"))
         self.engines[cmd["name"]] = engine
         return {"backends": list(engine.manager.storage_backends)}
 

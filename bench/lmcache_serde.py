@@ -9,9 +9,10 @@ and deserialize tasks run through the returned SerdeProcessor. LMCache's "naive"
 the raw bytes, reported as ``raw_bytes``.
 
 Command: ``{"op": "serde", "cases": [{"name", "dtype", "layers", "heads", "head_dim",
-"tokens", "seed", "fmt"}], "serdes": {"kvpack": {...kwargs}, "fp8": {}}, "save": path}``.
-Answer per case and serde: bytes written (what L2 stores), buffer bytes (the estimate LMCache
-allocates), seconds to serialize / deserialize. Saved: ``{case: {"original": [t], serde: [t]}}``.
+"tokens", "seed", "fmt"}], "serdes": [{"label": "kvpack", "type": "kvpack", ...kwargs},
+{"label": "fp8", "type": "fp8"}], "save": path}``. Answer per case and serde label: bytes
+written (what L2 stores), buffer bytes (the estimate LMCache allocates), seconds to serialize /
+deserialize. Saved: ``{case: {"original": [t], label: [t]}}``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ def _wait(query: Any, task: int, timeout: float = 120.0) -> bool:
     return bool(result)
 
 
-def _serdes(specs: dict[str, dict[str, Any]], workdir: Path) -> dict[str, Any]:
-    """name -> SerdeProcessor, from --l2-adapter specs through LMCache's parser and factory."""
+def _serdes(specs: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
+    """label -> SerdeProcessor, from --l2-adapter specs through LMCache's parser and factory."""
     from lmcache.v1.distributed.l2_adapters.config import (
         add_l2_adapters_args,
         parse_args_to_l2_adapters_config,
@@ -47,13 +48,14 @@ def _serdes(specs: dict[str, dict[str, Any]], workdir: Path) -> dict[str, Any]:
     parser = argparse.ArgumentParser()
     add_l2_adapters_args(parser)
     argv = []
-    for name, kwargs in specs.items():
-        spec = {"type": "fs", "base_path": str(workdir / f"l2-{name}")}
-        argv += ["--l2-adapter", json.dumps({**spec, "serde": {"type": name, **kwargs}})]
+    for spec in specs:
+        serde = {k: v for k, v in spec.items() if k != "label"}
+        adapter = {"type": "fs", "base_path": str(workdir / f"l2-{spec['label']}")}
+        argv += ["--l2-adapter", json.dumps({**adapter, "serde": serde})]
     adapters = parse_args_to_l2_adapters_config(parser.parse_args(argv)).adapters
     return {
-        name: create_serde_processor(a.serde_config)
-        for name, a in zip(specs, adapters, strict=True)
+        spec["label"]: create_serde_processor(a.serde_config)
+        for spec, a in zip(specs, adapters, strict=True)
     }
 
 

@@ -149,7 +149,14 @@ def _generic_rows(res: dict[str, Any], prefix: str = "") -> list[Row]:
     return rows
 
 
+def _lmcache_rows(res: dict[str, Any], copy: float | None) -> list[Row]:
+    from kvpack.bench import lmcache
+
+    return lmcache.rows(res)
+
+
 ROWS: dict[str, Callable[[dict[str, Any], float | None], list[Row]]] = {
+    "lmcache": _lmcache_rows,
     "copy": _copy_rows,
     "eviction": _eviction_rows,
     "lossy": _lossy_rows,

@@ -10,6 +10,7 @@ process, which checks every value against kvpack's error bound (tests/codec/test
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -269,6 +270,27 @@ def test_damaged_entry_is_a_miss_with_a_log_line(
     driver.send("close", name="a")
 
 
+def test_environment_variables_configure_the_plugin(driver: Driver, kvpack_server: Served) -> None:
+    """The LMCACHE_* variables of docs/LMCACHE.md, with no config file."""
+    extra = plugin_config(kvpack_server.target, TOKEN)["extra_config"]
+    env = {
+        "LMCACHE_CHUNK_SIZE": "256",
+        "LMCACHE_LOCAL_CPU": "False",
+        "LMCACHE_MAX_LOCAL_CPU_SIZE": "0.25",
+        "LMCACHE_REMOTE_SERDE": "naive",
+        "LMCACHE_REMOTE_STORAGE_PLUGINS": "kvpack",
+        "LMCACHE_EXTRA_CONFIG": json.dumps(extra),
+    }
+    model = Model("org/env-configured", "bfloat16", layers=2, heads=2, head_dim=64)
+    assert (
+        "RemoteBackend-kvpack"
+        in driver.send("open", name="a", env=env, model=model.spec())["backends"]
+    )
+    driver.send("put", name="a", chunks=[{"hash": 31}])
+    assert driver.send("get", name="a", chunks=[{"hash": 31}])["hits"] == [True]
+    driver.send("close", name="a")
+
+
 def test_bad_configuration_says_what_is_wrong(driver: Driver, kvpack_server: Served) -> None:
     """LMCache logs the plugin's error and runs without the remote backend's connection."""
     model = Model("org/bad", "bfloat16", layers=1, heads=1, head_dim=64)
@@ -314,7 +336,13 @@ def test_serde_through_lmcache_factory(driver: Driver, work: Path, mode: str) ->
     for case in SERDE_CASES:
         kwargs["head_dim"] = case["head_dim"]
         answer = driver.send(
-            "serde", cases=[case], serdes={"kvpack": kwargs, "fp8": {}}, save=str(saved)
+            "serde",
+            cases=[case],
+            serdes=[
+                {"label": "kvpack", "type": "kvpack", **kwargs},
+                {"label": "fp8", "type": "fp8"},
+            ],
+            save=str(saved),
         )
         (result,) = answer["cases"]
         results.append(result)
