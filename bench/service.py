@@ -87,10 +87,16 @@ def _requests(
 ) -> AsyncIterator[bytes]:
     """The client library's serialised request stream (kvpack.client.messages)."""
     upload = messages.compress_upload(
-        keys, values, scores=scores, window_queries=None, policy="kvcompose", ratio=0.5,
-        n_keep=None, policy_settings=None, quant=None, store=store, key="bench/kv", model=None,
-        token_ids=None, return_cache=return_cache,
-    )  # fmt: skip
+        keys,
+        values,
+        {
+            "scores": scores,
+            "ratio": 0.5,
+            "store": store,
+            "key": "bench/kv",
+            "return_cache": return_cache,
+        },
+    )
 
     async def gen() -> AsyncIterator[bytes]:
         for frame in upload.frames():

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TypeVar, Unpack
 
 import grpc
 import torch
 from grpc import aio
 
+from kvpack import codec
 from kvpack.client import messages
+from kvpack.client.api import CompressOptions, Layers, Tensors
 from kvpack.client.channel import CallPolicy, TLSArg, auth_metadata, channel_credentials, retryable
 from kvpack.client.result import CompressResult, EntryInfo, ServerInfo
 from kvpack.errors import DataLoss, DeadlineExceeded, from_rpc_error
@@ -81,29 +83,14 @@ class AsyncKVPackClient:
 
     async def compress(
         self,
-        keys: Sequence[torch.Tensor] | torch.Tensor,
-        values: Sequence[torch.Tensor] | torch.Tensor,
+        keys: Tensors,
+        values: Tensors,
         *,
-        scores: torch.Tensor | None = None,
-        window_queries: torch.Tensor | None = None,
-        policy: str = "kvcompose",
-        ratio: float | None = None,
-        n_keep: int | None = None,
-        policy_settings: Mapping[str, Any] | None = None,
-        quant: Any = None,
-        store: bool = True,
-        key: str | None = None,
-        model: str | None = None,
-        token_ids: Sequence[int] | torch.Tensor | None = None,
-        return_cache: bool = True,
         progress: messages.Progress = None,
+        **options: Unpack[CompressOptions],
     ) -> CompressResult:
         """See :meth:`kvpack.client.KVPackClient.compress`. Never retried."""
-        upload = messages.compress_upload(
-            keys, values, scores=scores, window_queries=window_queries, policy=policy,
-            ratio=ratio, n_keep=n_keep, policy_settings=policy_settings, quant=quant,
-            store=store, key=key, model=model, token_ids=token_ids, return_cache=return_cache,
-        )  # fmt: skip
+        upload = messages.compress_upload(keys, values, options)
         answer = messages.CompressAnswer(
             len(upload.keys), messages.answer_limit(upload), upload.device
         )
@@ -132,14 +119,14 @@ class AsyncKVPackClient:
             except BaseException:
                 call.cancel()
                 raise
-            return answer.result(return_cache)
+            return answer.result(upload.header.return_cache)
 
         return await self._once(run)
 
     async def fetch_bytes(
         self,
         key: str,
-        layers: tuple[int, int] | range | None = None,
+        layers: Layers = None,
         *,
         progress: messages.Progress = None,
     ) -> bytes:
@@ -163,14 +150,12 @@ class AsyncKVPackClient:
     async def fetch(
         self,
         key: str,
-        layers: tuple[int, int] | range | None = None,
+        layers: Layers = None,
         *,
         device: torch.device | str | None = None,
         progress: messages.Progress = None,
-    ) -> Any:
+    ) -> codec.DecodedCache:
         """Fetch and decode (in a worker thread): ``kvpack.codec.DecodedCache``."""
-        from kvpack import codec
-
         blob = await self.fetch_bytes(key, layers, progress=progress)
         return await asyncio.to_thread(codec.decode, blob, device=device)
 

@@ -59,8 +59,9 @@ def configure_compress(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quant", action="append", default=[], metavar="NAME=VALUE",
-        help="encoding setting (mode, k_error_bound, v_error_bound, k_grouping, block_tokens, "
-        "k_window, v_window, entropy)",
+        help="encoding setting: a QuantSettings field (mode, k_error_bound, v_error_bound, "
+        "k_grouping, block_tokens, k_window, v_window, entropy) or its short name (eb sets both "
+        "bounds, K, V, group, block, kwin, vwin)",
     )  # fmt: skip
     parser.add_argument("--key", help="store key (default: content-derived)")
     parser.add_argument("--model", help="model fingerprint for content keys (name@revision)")
@@ -78,12 +79,16 @@ def configure_fetch(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--raw", action="store_true", help="write the encoded container as is")
 
 
-def _quant_value(name: str, value: str) -> Any:
-    if name in ("k_error_bound", "v_error_bound"):
-        return float(value)
-    if name in ("block_tokens", "k_window", "v_window"):
-        return int(value)
-    return value
+def _quant(items: list[str]) -> Any:
+    """``QuantSettings`` of the ``--quant NAME=VALUE`` items (None when there are none)."""
+    from kvpack.codec.quant_settings import QuantSettings
+
+    if not items:
+        return None
+    try:
+        return QuantSettings.from_options(_pairs(items, "--quant").items())[0]
+    except ValueError as e:
+        raise SystemExit(f"--quant: {e}") from None
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -128,13 +133,13 @@ def run_compress(args: argparse.Namespace) -> int:
     tensors = load_file(str(args.input))
     keys, values = _layers(tensors, "keys"), _layers(tensors, "values")
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    quant = {k: _quant_value(k, v) for k, v in _pairs(args.quant, "--quant").items()}
+    quant = _quant(args.quant)
     with _client(args) as client, _progress(total, "upload") as progress:
         result = client.compress(
             keys, values, scores=tensors.get("scores"),
             window_queries=tensors.get("window_queries"), policy=args.policy, ratio=args.ratio,
             n_keep=args.n_keep, policy_settings=_pairs(args.setting, "--setting"),
-            quant=quant or None, store=not args.no_store, key=args.key, model=args.model,
+            quant=quant, store=not args.no_store, key=args.key, model=args.model,
             return_cache=args.output is not None, progress=progress,
         )  # fmt: skip
     if args.output is not None:

@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from kvpack import wire
+from kvpack.client.api import CompressOptions, Tensors, check_options
 from kvpack.client.result import CompressResult, EntryInfo, LayerStats, ServerInfo
+from kvpack.engine import STATS_KINDS, Layout, StatsKind, compress_header
 from kvpack.errors import InvalidArgument
 from kvpack.v1 import kvpack_pb2 as pb
 
 MiB = 1 << 20
 #: Called with the number of bytes just transferred (for progress bars).
 Progress = Callable[[int], None] | None
-_QUANT_FIELDS = {f.name for f in pb.QuantSettings.DESCRIPTOR.fields}
 
 
 def as_layers(tensors: Sequence[torch.Tensor] | torch.Tensor, what: str) -> list[torch.Tensor]:
@@ -37,27 +38,6 @@ def as_layers(tensors: Sequence[torch.Tensor] | torch.Tensor, what: str) -> list
     if not layers:
         raise InvalidArgument(f"{what}: no layers")
     return layers
-
-
-def quant_message(quant: Any) -> pb.QuantSettings:
-    """``QuantSettings`` from None (codec defaults), a proto, a mapping or a dataclass with the
-    proto's field names (e.g. ``kvpack.codec.QuantSettings``); unset/None fields are left out."""
-    if quant is None:
-        return pb.QuantSettings()
-    if isinstance(quant, pb.QuantSettings):
-        return quant
-    if dataclasses.is_dataclass(quant) and not isinstance(quant, type):
-        quant = dataclasses.asdict(quant)
-    if not isinstance(quant, Mapping):
-        raise InvalidArgument(
-            f"quant must be a mapping or QuantSettings, not {type(quant).__name__}"
-        )
-    unknown = set(quant) - _QUANT_FIELDS
-    if unknown:
-        raise InvalidArgument(
-            f"unknown quant settings {sorted(unknown)}; known: {sorted(_QUANT_FIELDS)}"
-        )
-    return pb.QuantSettings(**{k: v for k, v in quant.items() if v is not None})
 
 
 @dataclasses.dataclass
@@ -127,31 +107,26 @@ def fetch_method(channel: Any) -> Any:
     )
 
 
-def compress_upload(
-    keys: Sequence[torch.Tensor] | torch.Tensor,
-    values: Sequence[torch.Tensor] | torch.Tensor,
-    *,
-    scores: torch.Tensor | None,
-    window_queries: torch.Tensor | None,
-    policy: str,
-    ratio: float | None,
-    n_keep: int | None,
-    policy_settings: Mapping[str, Any] | None,
-    quant: Any,
-    store: bool,
-    key: str | None,
-    model: str | None,
-    token_ids: Sequence[int] | torch.Tensor | None,
-    return_cache: bool,
-) -> CompressUpload:
-    """Checks the arguments of ``compress`` and builds its upload.
+@dataclasses.dataclass
+class Cache:
+    """``compress``'s tensors, checked: the layout they make, the layers and the statistics."""
+
+    layout: Layout
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    stats: tuple[StatsKind, torch.Tensor] | None
+
+
+def check_cache(keys: Tensors, values: Tensors, options: CompressOptions) -> Cache:
+    """Checks ``compress``'s tensors and the names of its keyword arguments.
 
     Args:
         keys, values: per-layer ``[B, Hkv, n, d]`` (all layers the same shape and dtype) or
             stacked ``[L, B, Hkv, n, d]``.
-        scores: ``[L, B, H, n]`` attention statistics (H = query or KV heads).
-        window_queries: ``[L, B, Hq, W, d]`` observation-window queries (after RoPE).
+        options: ``scores`` ``[L, B, H, n]`` (H = query or KV heads) or ``window_queries``
+            ``[L, B, Hq, W, d]`` (observation-window queries, after RoPE), and the rest.
     """
+    check_options(dict(options))
     k_layers, v_layers = as_layers(keys, "keys"), as_layers(values, "values")
     if len(k_layers) != len(v_layers):
         raise InvalidArgument(f"{len(k_layers)} key layers but {len(v_layers)} value layers")
@@ -164,12 +139,13 @@ def compress_upload(
                 f"layer {layer}: keys {tuple(k.shape)} {k.dtype} / values {tuple(v.shape)} "
                 f"{v.dtype}; every layer must match layer 0 ({tuple(shape)} {dtype})"
             )
+    scores, window_queries = options.get("scores"), options.get("window_queries")
     if scores is not None and window_queries is not None:
         raise InvalidArgument("give scores or window_queries, not both")
     batch, kv_heads, n, head_dim = shape
     num_layers = len(k_layers)
-    query_heads = 0
-    stats: tuple[int, torch.Tensor] | None = None
+    query_heads = kv_heads
+    stats: tuple[StatsKind, torch.Tensor] | None = None
     if scores is not None:
         if (
             tuple(scores.shape[:2]) != (num_layers, batch)
@@ -180,7 +156,7 @@ def compress_upload(
                 f"scores must be [L={num_layers}, B={batch}, H, n={n}], got {tuple(scores.shape)}"
             )
         query_heads = scores.shape[2]
-        stats = (pb.TENSOR_KIND_SCORES, scores)
+        stats = ("scores", scores)
     elif window_queries is not None:
         if window_queries.ndim != 5 or tuple(window_queries.shape[:2]) != (num_layers, batch):
             raise InvalidArgument(
@@ -188,33 +164,57 @@ def compress_upload(
                 f"got {tuple(window_queries.shape)}"
             )
         query_heads = window_queries.shape[2]
-        stats = (pb.TENSOR_KIND_WINDOW_QUERIES, window_queries)
-    if isinstance(token_ids, torch.Tensor):
-        token_ids = token_ids.reshape(-1).tolist()
-    header = pb.CompressHeader(
-        layout=pb.Layout(
-            num_layers=num_layers,
-            batch_size=batch,
-            num_kv_heads=kv_heads,
-            num_query_heads=query_heads,
-            head_dim=head_dim,
-            seq_len=n,
-            dtype=wire.dtype_from_torch(dtype),  # type: ignore[arg-type]
-        ),
-        policy=policy,
-        policy_settings={k: str(v) for k, v in (policy_settings or {}).items()},
-        quant=quant_message(quant),
-        store=store,
-        return_cache=return_cache,
-        key=key or "",
-        model=model or "",
-        token_ids=list(token_ids or []),
+        stats = ("window_queries", window_queries)
+    layout = Layout(num_layers, batch, kv_heads, query_heads, head_dim, n, dtype)
+    return Cache(layout, k_layers, v_layers, stats)
+
+
+def compress_upload(keys: Tensors, values: Tensors, options: CompressOptions) -> CompressUpload:
+    """The upload of a ``compress`` call: its tensors checked (:func:`check_cache`) and its
+    header built from the arguments as given (the server validates them)."""
+    cache = check_cache(keys, values, options)
+    stats = None
+    if cache.stats is not None:
+        kind = next(k for k, name in STATS_KINDS.items() if name == cache.stats[0])
+        stats = (kind, cache.stats[1])
+    header = compress_header(cache.layout, options)
+    return CompressUpload(header, stats, cache.keys, cache.values)
+
+
+def compress_result(
+    summary: pb.CompressSummary,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    indices: list[torch.Tensor],
+) -> CompressResult:
+    """The :class:`CompressResult` of a summary and the composite cache (empty lists when it
+    was not asked back)."""
+    s = summary
+    return CompressResult(
+        keys=keys,
+        values=values,
+        indices=indices,
+        key=s.key,
+        layers=[
+            LayerStats(
+                layer=x.layer,
+                kept_tokens=x.kept_tokens,
+                input_bytes=x.input_bytes,
+                stored_bytes=x.stored_bytes,
+                key_max_abs_error=x.key_max_abs_error,
+                value_max_abs_error=x.value_max_abs_error,
+                key_rel_error=x.key_rel_error,
+                value_rel_error=x.value_rel_error,
+            )
+            for x in s.layers
+        ],
+        input_bytes=s.input_bytes,
+        kept_bytes=s.kept_bytes,
+        stored_bytes=s.stored_bytes,
+        token_ratio=s.token_ratio,
+        compression_ratio=s.compression_ratio,
+        timings_seconds=dict(s.timings_seconds),
     )
-    if ratio is not None:
-        header.ratio = ratio
-    if n_keep is not None:
-        header.n_keep = n_keep
-    return CompressUpload(header, stats, k_layers, v_layers)
 
 
 class CompressAnswer:
@@ -262,7 +262,6 @@ class CompressAnswer:
     def result(self, return_cache: bool) -> CompressResult:
         if self.summary is None:
             raise InvalidArgument("Compress stream ended without a summary")
-        s = self.summary
         keys, values, indices = [], [], []
         if return_cache:
             try:
@@ -272,31 +271,7 @@ class CompressAnswer:
                     indices.append(self.tensors[(pb.TENSOR_KIND_INDICES, layer)])
             except KeyError as e:
                 raise InvalidArgument(f"server did not return tensor {e.args[0]}") from None
-        return CompressResult(
-            keys=keys,
-            values=values,
-            indices=indices,
-            key=s.key,
-            layers=[
-                LayerStats(
-                    layer=x.layer,
-                    kept_tokens=x.kept_tokens,
-                    input_bytes=x.input_bytes,
-                    stored_bytes=x.stored_bytes,
-                    key_max_abs_error=x.key_max_abs_error,
-                    value_max_abs_error=x.value_max_abs_error,
-                    key_rel_error=x.key_rel_error,
-                    value_rel_error=x.value_rel_error,
-                )
-                for x in s.layers
-            ],
-            input_bytes=s.input_bytes,
-            kept_bytes=s.kept_bytes,
-            stored_bytes=s.stored_bytes,
-            token_ratio=s.token_ratio,
-            compression_ratio=s.compression_ratio,
-            timings_seconds=dict(s.timings_seconds),
-        )
+        return compress_result(self.summary, keys, values, indices)
 
 
 _ANSWER_KINDS = (pb.TENSOR_KIND_KEYS, pb.TENSOR_KIND_VALUES, pb.TENSOR_KIND_INDICES)

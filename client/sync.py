@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TypeVar, Unpack
 
 import grpc
 import torch
 
+from kvpack import codec
 from kvpack.client import messages
+from kvpack.client.api import CompressOptions, Layers, Tensors
 from kvpack.client.channel import CallPolicy, TLSArg, auth_metadata, channel_credentials, retryable
 from kvpack.client.result import CompressResult, EntryInfo, ServerInfo
 from kvpack.errors import DataLoss, from_rpc_error
@@ -84,45 +86,27 @@ class KVPackClient:
 
     def compress(
         self,
-        keys: Sequence[torch.Tensor] | torch.Tensor,
-        values: Sequence[torch.Tensor] | torch.Tensor,
+        keys: Tensors,
+        values: Tensors,
         *,
-        scores: torch.Tensor | None = None,
-        window_queries: torch.Tensor | None = None,
-        policy: str = "kvcompose",
-        ratio: float | None = None,
-        n_keep: int | None = None,
-        policy_settings: Mapping[str, Any] | None = None,
-        quant: Any = None,
-        store: bool = True,
-        key: str | None = None,
-        model: str | None = None,
-        token_ids: Sequence[int] | torch.Tensor | None = None,
-        return_cache: bool = True,
         progress: messages.Progress = None,
+        **options: Unpack[CompressOptions],
     ) -> CompressResult:
         """Compress a prefilled cache; store its encoding and/or return the composite cache.
 
         Args:
             keys, values: per-layer ``[B, Hkv, n, d]`` (or stacked ``[L, B, Hkv, n, d]``).
-            scores: attention statistics ``[L, B, H, n]`` (see ``kvpack.client.hf``).
-            window_queries: ``[L, B, Hq, W, d]`` instead of scores; the server scores them.
-            policy: eviction policy name (``Info().policies``); ratio (fraction removed) or
-                n_keep (token slots summed over layers), exactly one unless policy is "none".
-            quant: encoding settings (mapping / ``QuantSettings``); None = codec defaults.
-            store, key, model, token_ids: store the encoding under ``key``, or a content key
-                from ``model`` + ``token_ids``.
-            return_cache: stream the composite K/V and kept indices back (on ``keys``' device).
             progress: called with the bytes of each tensor as it is uploaded.
+            options: :class:`~kvpack.client.api.CompressOptions`: the statistics (``scores``
+                or ``window_queries``), ``policy`` with ``ratio`` or ``n_keep`` and
+                ``policy_settings``, ``quant``, ``store``, ``key``, ``model``, ``token_ids``,
+                ``return_cache`` (the composite K/V and kept indices come back on ``keys``'
+                device).
 
         The upload streams while the server answers layer by layer. Never retried: a failed
         call stores nothing.
         """
-        upload = messages.compress_upload(
-            keys, values, scores=scores, window_queries=window_queries, policy=policy,
-            ratio=ratio, n_keep=n_keep, policy_settings=policy_settings, quant=quant,
-            store=store, key=key, model=model, token_ids=token_ids, return_cache=return_cache,
-        )  # fmt: skip
+        upload = messages.compress_upload(keys, values, options)
         answer = messages.CompressAnswer(
             len(upload.keys), messages.answer_limit(upload), upload.device
         )
@@ -139,14 +123,14 @@ class KVPackClient:
             except BaseException:
                 call.cancel()
                 raise
-            return answer.result(return_cache)
+            return answer.result(upload.header.return_cache)
 
         return self._once(run)
 
     def fetch_bytes(
         self,
         key: str,
-        layers: tuple[int, int] | range | None = None,
+        layers: Layers = None,
         *,
         progress: messages.Progress = None,
     ) -> bytes:
@@ -171,15 +155,13 @@ class KVPackClient:
     def fetch(
         self,
         key: str,
-        layers: tuple[int, int] | range | None = None,
+        layers: Layers = None,
         *,
         device: torch.device | str | None = None,
         progress: messages.Progress = None,
-    ) -> Any:
+    ) -> codec.DecodedCache:
         """Fetch and decode locally: ``kvpack.codec.DecodedCache`` (keys, values, indices,
         layers, header) with tensors on ``device`` (default CPU)."""
-        from kvpack import codec
-
         return codec.decode(self.fetch_bytes(key, layers, progress=progress), device=device)
 
     def put(self, blob: bytes, key: str | None = None) -> str:

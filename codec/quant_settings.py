@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Self
 
@@ -28,6 +28,17 @@ HEADER_BYTES_PER_LAYER = 1024
 HEADER_BYTES_PER_BLOCK = 50
 HEADER_BYTES_PER_SYMBOL = 3
 HEADER_BYTES_FIXED = 16 << 10
+#: Short names of the fields in option strings (``kvpack eval --quant``, ``kvpack compress
+#: --quant``); an option may also use the field's own name. ``eb`` sets both error bounds.
+SHORT_NAMES = {
+    "kwin": "k_window",
+    "vwin": "v_window",
+    "block": "block_tokens",
+    "group": "k_grouping",
+    "K": "k_error_bound",
+    "V": "v_error_bound",
+}
+BOTH_BOUNDS = "eb"
 
 
 @dataclass(frozen=True)
@@ -44,9 +55,9 @@ class QuantSettings:
     block_tokens: tokens per encoded block (K and V). k_window / v_window: newest tokens kept in
         full precision (0 allowed). entropy: coder for quantised symbols per block.
 
-    `validate` checks the ranges that hold for any cache; `validate_for_layout` also bounds
-    block_tokens and the windows by the request's seq_len and the number of blocks by what a
-    container header holds.
+    Construction checks the ranges that hold for any cache (`validate`, ValueError naming the
+    field), so every instance is valid; `validate_for_layout` also bounds block_tokens and the
+    windows by the request's seq_len and the number of blocks by what a container header holds.
     """
 
     mode: str = "lossy"
@@ -58,8 +69,12 @@ class QuantSettings:
     v_window: int = 256
     entropy: str = "auto"
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
-        """Raise ValueError naming the first field that is out of range."""
+        """Raise ValueError naming the first field that is out of range (construction calls it:
+        an existing instance always passes)."""
         for name, allowed in (
             ("mode", MODES),
             ("k_grouping", K_GROUPINGS),
@@ -87,7 +102,6 @@ class QuantSettings:
         of at most `seq_len` tokens: block_tokens and the windows no longer than the sequence
         (their defaults always allowed), and no more blocks than a container header holds.
         Called before any tensor of the request is received."""
-        self.validate()
         defaults = QuantSettings()
         at_most = f"at most seq_len={seq_len}"
         for name in ("k_window", "v_window"):
@@ -110,22 +124,24 @@ class QuantSettings:
             "block_tokens", self.block_tokens, Range(fewest, seq_len, why), defaults.block_tokens
         )
 
-    def block_count(self, num_layers: int, seq_len: int) -> int:
+    def block_count(self, num_layers: int, seq_len: int, block_tokens: int | None = None) -> int:
         """Blocks (K and V) of `num_layers` layers of `seq_len` tokens, at most: each stream's
-        whole blocks older than its window (layer_codec.encoded_tokens)."""
+        whole blocks older than its window (layer_codec.encoded_tokens). `block_tokens`
+        overrides the setting's (for sizing trials)."""
+        per_block = self.block_tokens if block_tokens is None else block_tokens
         per_layer = sum(
-            max(0, seq_len - window) // self.block_tokens
-            for window in (self.k_window, self.v_window)
+            max(0, seq_len - window) // per_block for window in (self.k_window, self.v_window)
         )
         return num_layers * per_layer
 
-    def header_bytes(self, num_layers: int, seq_len: int) -> int:
-        """Upper estimate of the container header's size in bytes (see HEADER_BYTES_*)."""
+    def header_bytes(self, num_layers: int, seq_len: int, block_tokens: int | None = None) -> int:
+        """Upper estimate of the container header's size in bytes (see HEADER_BYTES_*);
+        `block_tokens` overrides the setting's."""
         symbols = 0
         if self.mode == "lossy" and self.entropy != "zstd":  # Huffman codebooks, one per stream
             symbols = sum(quant.levels(eb) for eb in (self.k_error_bound, self.v_error_bound))
         per_layer = HEADER_BYTES_PER_LAYER + HEADER_BYTES_PER_SYMBOL * symbols
-        blocks = self.block_count(num_layers, seq_len)
+        blocks = self.block_count(num_layers, seq_len, block_tokens)
         return HEADER_BYTES_FIXED + num_layers * per_layer + HEADER_BYTES_PER_BLOCK * blocks
 
     def _fewest_block_tokens(self, num_layers: int, seq_len: int) -> int | None:
@@ -134,8 +150,7 @@ class QuantSettings:
         from kvpack.codec.container import MAX_HEADER_BYTES
 
         def fits(block_tokens: int) -> bool:
-            trial = dataclasses.replace(self, block_tokens=block_tokens)
-            return trial.header_bytes(num_layers, seq_len) <= MAX_HEADER_BYTES
+            return self.header_bytes(num_layers, seq_len, block_tokens) <= MAX_HEADER_BYTES
 
         lo, hi = 1, max(1, seq_len + 1)  # seq_len + 1 tokens per block: no blocks at all
         if not fits(hi):
@@ -154,11 +169,32 @@ class QuantSettings:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, object]) -> Self:
-        """Settings from a name -> value mapping (values may be strings); unknown names and
-        unparsable values raise ValueError naming the field. The result is validated."""
-        out = cls(**settings_kwargs(cls, mapping, "quantisation setting"))
-        out.validate()
-        return out
+        """Settings from a name -> value mapping (values may be strings); unknown names,
+        unparsable values and values out of range raise ValueError naming the field."""
+        return cls(**settings_kwargs(cls, mapping, "quantisation setting"))
+
+    @classmethod
+    def from_options(cls, items: Iterable[tuple[str, str]]) -> tuple[Self, dict[str, object]]:
+        """Settings from command-line ``NAME=VALUE`` items, NAME a field or its SHORT_NAMES
+        alias (``eb`` sets both error bounds). Returns the settings and the fields the items
+        set, typed. ValueError naming an unknown name or a bad value."""
+        fields: dict[str, str] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name, value in items:
+            if name == BOTH_BOUNDS:
+                fields["k_error_bound"] = fields["v_error_bound"] = value
+            elif name in SHORT_NAMES or name in known:
+                fields[SHORT_NAMES.get(name, name)] = value
+            else:
+                names = [*SHORT_NAMES, BOTH_BOUNDS, *sorted(known)]
+                raise ValueError(f"unknown quantisation option {shown(name)} (known: {names})")
+        settings = cls.from_mapping(fields)
+        return settings, {name: getattr(settings, name) for name in fields}
+
+
+def option_name(field: str) -> str:
+    """The short option name of a QuantSettings field (its own name when it has none)."""
+    return next((short for short, name in SHORT_NAMES.items() if name == field), field)
 
 
 def _to_str(value: object) -> str:

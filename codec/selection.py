@@ -35,7 +35,7 @@ def _layout_of_scores(scores: object, num_kv_heads: int | None) -> tuple[int, in
     return layers, batch, hkv, n
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """No NaN or Inf in `t`. min/max reductions propagate NaN and keep +-Inf, and one fused
     aminmax pass costs about a tenth of isfinite().all() on CPU half tensors (profiled: it was
     75% of knorm's select+gather, 16x a copy of the cache)."""
@@ -66,7 +66,7 @@ def _check_cache(
         if t.device != device:
             raise ValueError(f"{name}[{i}] is on {t.device}, expected {device}")
         # Scanning a cache the policy ignores would cost a full read of it.
-        if used and not _all_finite(t):
+        if used and not all_finite(t):
             raise ValueError(f"{name}[{i}] contains NaN or Inf")
     return list(tensors)
 
@@ -87,6 +87,19 @@ def _layout_of_cache(
     return len(tensors), batch, hkv, n
 
 
+def _layout_of_shape(shape: object, num_kv_heads: int | None) -> tuple[int, int, int, int]:
+    if (
+        not isinstance(shape, tuple)
+        or len(shape) != 4
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in shape)
+    ):
+        raise ValueError(f"shape must be (L, B, Hkv, n), four positive ints, got {shape!r}")
+    if num_kv_heads is not None and num_kv_heads != shape[2]:
+        raise ValueError(f"num_kv_heads={num_kv_heads} but shape has {shape[2]} KV heads")
+    layers, batch, hkv, n = shape
+    return layers, batch, hkv, n
+
+
 def make_policy(policy: str, settings: dict[str, object], extent: Extent = ANY_LAYOUT) -> Policy:
     """The named policy with its settings parsed from `settings` (values may be strings) and
     checked against the ranges for `extent` (by default the codec's largest layout)."""
@@ -96,28 +109,40 @@ def make_policy(policy: str, settings: dict[str, object], extent: Extent = ANY_L
     return cls(cls.settings_type.from_mapping(settings, extent))
 
 
-def policy_for_layout(
-    policy: str,
-    settings: Mapping[str, object],
-    *,
-    num_layers: int,
-    seq_len: int,
-    ratio: float | None = None,
-    n_keep: int | None = None,
-) -> Policy:
-    """The named policy, its settings checked against a cache of `num_layers` layers of `seq_len`
-    tokens and its budget (`ratio` or `n_keep`, as for `select`), before any tensor exists.
+def policy_for_layout(policy: str, settings: Mapping[str, object], budget: Budget) -> Policy:
+    """The named policy, its settings checked against a cache of `budget.layers` layers of
+    `budget.n` tokens kept to `budget`, before any tensor exists.
 
-    This is the one check of a request's policy settings (the server's plan() and LocalKVPack
-    call it): ValueError naming the first unknown setting, or the first value that does not
-    parse or lies outside its range, with the value and the allowed range.
+    This is the one check of a request's policy settings (kvpack.engine's request calls it):
+    ValueError naming the first unknown setting, or the first value that does not parse or lies
+    outside its range, with the value and the allowed range.
     """
-    budget = Budget(num_layers, seq_len, ratio=ratio, n_keep=n_keep)
-    layer_budget = -(-budget.entries() // num_layers)  # token slots per layer, rounded up
-    pol = make_policy(policy, dict(settings), Extent(seq_len, layer_budget))
+    layer_budget = -(-budget.entries() // budget.layers)  # token slots per layer, rounded up
+    pol = make_policy(policy, dict(settings), Extent(budget.n, layer_budget))
     # Defaults were not in `settings`: they are checked (and always allowed) here.
-    pol.settings.validate_for_layout(seq_len=seq_len, layer_budget=layer_budget)
+    pol.settings.validate_for_layout(seq_len=budget.n, layer_budget=layer_budget)
     return pol
+
+
+def layer_shares(policy: Policy, budget: Budget) -> list[int]:
+    """Token slots each layer keeps when layers are selected one at a time (`select` on one
+    layer with ``n_keep=share``): the policy's own split of `budget` (uniform; PyramidKV's
+    pyramid; KVComposeUniform's floor), clamped to [1, n] as `Policy.keep` clamps it, so a
+    policy whose split needs no statistics keeps per layer exactly what it keeps over all
+    layers at once. KVCompose's global allocation reads every layer's scores: one layer at a
+    time its layers share the budget uniformly.
+
+    `Policy.layer_budgets` reads the budget and the layout only, never the tensors.
+    """
+    bare = EvictionInput(
+        layers=budget.layers,
+        batch=1,
+        num_kv_heads=1,
+        n=budget.n,
+        device=torch.device("cpu"),
+        budget=budget,
+    )
+    return [min(budget.n, max(1, b)) for b in policy.layer_budgets(bare)]
 
 
 def select(
@@ -129,6 +154,7 @@ def select(
     num_kv_heads: int | None = None,
     keys: Sequence[torch.Tensor] | None = None,
     values: Sequence[torch.Tensor] | None = None,
+    shape: tuple[int, int, int, int] | None = None,
     **settings: object,
 ) -> list[torch.Tensor]:
     """Positions each layer keeps, chosen by `policy` from attention statistics.
@@ -137,7 +163,9 @@ def select(
     for policies that use no statistics (streaming, knorm, random). ratio: fraction of entries
     removed, 0 <= ratio < 1; n_keep: token slots per sequence summed over layers (exactly one of
     the two). keys / values: L tensors [B, Hkv, n, d] on the scores' device, for policies that
-    read them. settings: the policy's settings by name, values may be wire strings.
+    read them. shape: (L, B, Hkv, n) of the cache for a policy that reads no tensor (streaming,
+    random), instead of keys or values. settings: the policy's settings by name, values may be
+    wire strings.
 
     Returns L int64 tensors [B, Hkv, b_l] on the scores' device: kept positions ascending per
     head, -1 padded where rows or heads keep fewer (see the module docstring). Batch rows are
@@ -153,6 +181,9 @@ def select(
         device = scores.device
     elif pol.needs_scores:
         raise ValueError(f"policy {policy!r} needs attention scores")
+    elif keys is None and values is None and shape is not None:
+        layout = _layout_of_shape(shape, num_kv_heads)
+        device = torch.device("cpu")
     else:
         cache = keys if keys is not None else values
         if cache is None:
@@ -170,6 +201,7 @@ def select(
         scores32 = scores.float()
         if not bool(torch.isfinite(scores32).all()):
             raise ValueError("scores contain NaN or Inf")
+    # Each cache is checked (and scanned for NaN/Inf, the dominant cost) once.
     if keys is not None:
         keys = _check_cache("keys", keys, layout, device, pol.needs_keys)
     if values is not None:
@@ -182,9 +214,7 @@ def select(
         device=device,
         budget=budget,
         scores=scores32,
-        keys=None if keys is None else _check_cache("keys", keys, layout, device, pol.needs_keys),
-        values=None
-        if values is None
-        else _check_cache("values", values, layout, device, pol.needs_values),
+        keys=keys,
+        values=values,
     )
     return pol.keep(inp)

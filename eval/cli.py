@@ -32,48 +32,34 @@ DEFAULT_QUANTS = [
     "eb=K:0.2,V:0.4,kwin=0,vwin=0,block=32",
 ]
 DEFAULT_MODES = "evict,lossy,fixed,evict+lossy"
-# --quant item name -> QuantSettings field
-_QUANT_NAMES = {
-    "kwin": "k_window",
-    "vwin": "v_window",
-    "block": "block_tokens",
-    "group": "k_grouping",
-    "entropy": "entropy",
-}
 
 
 def parse_quant(text: str) -> Any:
     """``eb=K:0.05,V:0.1[,kwin=N,vwin=N,block=N,group=channel|block,entropy=...]`` -> Quant.
 
-    ``eb=X`` sets both bounds; ``K:``/``V:`` items after ``eb=`` set one each. Unset fields keep
-    the codec's defaults.
+    ``eb=X`` sets both bounds; ``K:``/``V:`` items after ``eb=`` set one each; the other items
+    are ``QuantSettings`` fields by their short option names (``codec.quant_settings``'s
+    SHORT_NAMES) or their own. Unset fields keep the codec's defaults.
     """
-    from kvpack.codec import QuantSettings
+    from kvpack.codec.quant_settings import BOTH_BOUNDS, QuantSettings, option_name
     from kvpack.eval.runner import Quant
 
-    settings: dict[str, Any] = {}
+    items: list[tuple[str, str]] = []
     for raw in text.split(","):
-        item = raw.strip().removeprefix("eb=")
+        item = raw.strip().removeprefix(f"{BOTH_BOUNDS}=")
         name, sep, value = item.partition(":" if item[:2] in ("K:", "V:") else "=")
         if not sep:
-            if raw.strip().startswith("eb="):
-                settings["k_error_bound"] = settings["v_error_bound"] = float(item)
-                continue
-            raise argparse.ArgumentTypeError(f"--quant: cannot parse {raw!r} in {text!r}")
-        if name in ("K", "V"):
-            settings[f"{name.lower()}_error_bound"] = float(value)
-        elif name in _QUANT_NAMES:
-            field = _QUANT_NAMES[name]
-            settings[field] = value if field in ("k_grouping", "entropy") else int(value)
-        else:
-            raise argparse.ArgumentTypeError(f"--quant: unknown item {name!r} in {text!r}")
+            if not raw.strip().startswith(f"{BOTH_BOUNDS}="):
+                raise argparse.ArgumentTypeError(f"--quant: cannot parse {raw!r} in {text!r}")
+            name, value = BOTH_BOUNDS, item
+        items.append((name, value))
     try:
-        QuantSettings.from_mapping(settings).validate()
+        full, settings = QuantSettings.from_options(items)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"--quant {text!r}: {e}") from e
-    full = QuantSettings.from_mapping(settings)
     label = f"K{full.k_error_bound:g}/V{full.v_error_bound:g}"
-    extra = [f"{k}={settings[f]}" for k, f in _QUANT_NAMES.items() if f in settings]
+    bounds = ("k_error_bound", "v_error_bound")
+    extra = [f"{option_name(f)}={v}" for f, v in settings.items() if f not in bounds]
     return Quant(label + "".join(f",{e}" for e in extra), settings)
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from kvpack.client.api import KVPack
 from kvpack.client.hf import generate_from, prefill_with_scores, tensors_to_cache
-from kvpack.client.result import CompressResult
 from kvpack.codec import POLICIES
 from kvpack.codec.selection import make_policy
 from kvpack.eval.tasks import QUERY, VOCAB_SIZE, Example
@@ -38,26 +38,6 @@ WINDOW = 64
 NATIVE_STATS: dict[str, StatsKind] = {"snapkv": "window", "pyramidkv": "window", "tova": "last"}
 #: Container setting for points without lossy encoding: eviction only, stored losslessly.
 LOSSLESS: dict[str, Any] = {"mode": "lossless"}
-
-
-class EvalClient(Protocol):
-    """What the loop needs of :class:`~kvpack.client.KVPackClient` / ``LocalKVPack``."""
-
-    def compress(
-        self,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
-        *,
-        scores: torch.Tensor | None = None,
-        policy: str = "kvcompose",
-        ratio: float | None = None,
-        quant: Any = None,
-        return_cache: bool = True,
-    ) -> CompressResult: ...
-
-    def fetch(self, key: str, *, device: torch.device | None = None) -> Any: ...
-
-    def delete(self, key: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -228,7 +208,7 @@ def prefill(
 
 def run_point(
     model: Any,
-    client: EvalClient,
+    client: KVPack,
     pre: Prefill,
     spec: PointSpec,
     stats: str,
@@ -259,7 +239,7 @@ def run_point(
 
 def run_eval(
     model: Any,
-    client: EvalClient,
+    client: KVPack,
     config: EvalConfig,
     examples: dict[str, list[Example]],
     progress: Callable[[str], None] | None = None,

@@ -14,6 +14,7 @@ import os
 from typing import BinaryIO
 
 from kvpack import codec
+from kvpack.engine import codec_name, entry_settings
 from kvpack.errors import DataLoss, InvalidArgument
 from kvpack.server.stores.base import EntryMeta
 
@@ -58,16 +59,16 @@ def slice_stored(blob: bytes, start: int, end: int) -> bytes:
 def meta_from_header(
     header: codec.ContainerHeader, blob: bytes, *, settings: dict[str, str] | None = None
 ) -> EntryMeta:
-    """EntryMeta of a container: sizes, dtype, codec name ("mode/entropy"), quant settings plus
-    ``settings``, and the sha256 stores verify on read."""
-    quant = header.settings.to_dict()
+    """EntryMeta of a container: sizes, dtype, codec name ("mode/entropy"), its settings
+    (``settings`` as the engine computed them for a Compress, else the container's quant
+    settings: engine.entry_settings) and the sha256 stores verify on read."""
     return EntryMeta(
         stored_bytes=len(blob),
         original_bytes=sum(header.raw_bytes),
         num_layers=header.num_layers,
         dtype=header.dtype,
-        codec=f"{quant['mode']}/{quant['entropy']}",
-        settings={**quant, **(settings or {})},
+        codec=codec_name(header.settings),
+        settings=entry_settings(header.settings) if settings is None else dict(settings),
         sha256=hashlib.sha256(blob).hexdigest(),
     )
 
@@ -110,7 +111,7 @@ def meta_mismatches(meta: EntryMeta, header: codec.ContainerHeader, stored_bytes
         "original_bytes": sum(header.raw_bytes),
         "num_layers": header.num_layers,
         "dtype": header.dtype,
-        "codec": f"{quant['mode']}/{quant['entropy']}",
+        "codec": codec_name(header.settings),
     }
     out = [
         f"{name} ({getattr(meta, name)!r} vs {value!r})"

@@ -1,75 +1,26 @@
-"""Store keys: caller-chosen key validation, content addressing, and tenant namespaces.
+"""Store keys on the server: tenant namespaces and List prefixes.
 
-Content keys are a chained sha256 (never Python ``hash()``, which is salted per process), so the
-same model + layout + settings + token prefix from any process or replica finds the same entry:
-``h_0 = sha256("kvpack/v1")``, ``h_i = sha256(h_{i-1} || len(part_i) || part_i)`` over the parts
-model fingerprint, layout JSON, codec settings JSON, policy JSON and the token ids as little-endian
-uint32. The key is ``"sha256:" + hex(h_last)``.
+Key validation and content keys are the engine's (``kvpack.engine.keys``, shared with
+LocalKVPack); the two the servicer uses are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
-import struct
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
+from kvpack.engine.keys import KEY_PATTERN as KEY_PATTERN
+from kvpack.engine.keys import blob_key as blob_key
+from kvpack.engine.keys import validate_key as validate_key
 from kvpack.errors import InvalidArgument
 
-KEY_PATTERN = re.compile(r"[A-Za-z0-9._:/-]{1,200}")
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-CONTENT_KEY_PREFIX = "sha256:"
-
-
-def validate_key(key: str) -> str:
-    """Return ``key`` if it matches ``[A-Za-z0-9._:/-]{1,200}``; InvalidArgument otherwise."""
-    if not KEY_PATTERN.fullmatch(key):
-        shown = key if len(key) <= 60 else key[:57] + "..."
-        raise InvalidArgument(
-            f"invalid key {shown!r}: keys are 1-200 characters of A-Z a-z 0-9 . _ : / -"
-        )
-    return key
 
 
 def validate_prefix(prefix: str) -> str:
     """A List prefix: empty, or the start of a valid key."""
-    if prefix and not re.fullmatch(r"[A-Za-z0-9._:/-]{1,200}", prefix):
+    if prefix and not KEY_PATTERN.fullmatch(prefix):
         raise InvalidArgument(f"invalid prefix {prefix[:60]!r}: allowed A-Z a-z 0-9 . _ : / -")
     return prefix
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
-def content_key(
-    model: str,
-    layout: Mapping[str, Any],
-    codec_settings: Mapping[str, Any],
-    policy: Mapping[str, Any],
-    token_ids: Sequence[int],
-) -> str:
-    """Chained sha256 key of a cache computed from ``token_ids`` by ``model`` (see module doc)."""
-    if not model:
-        raise InvalidArgument("content-addressed keys need the model fingerprint (header.model)")
-    parts: Iterable[bytes] = (
-        model.encode(),
-        _canonical(dict(layout)),
-        _canonical(dict(codec_settings)),
-        _canonical(dict(policy)),
-        struct.pack(f"<{len(token_ids)}I", *token_ids),
-    )
-    h = hashlib.sha256(b"kvpack/v1").digest()
-    for part in parts:
-        h = hashlib.sha256(h + struct.pack("<Q", len(part)) + part).digest()
-    return CONTENT_KEY_PREFIX + h.hex()
-
-
-def blob_key(data: bytes | bytearray | memoryview) -> str:
-    """Content key of an uploaded container (Put without a key): sha256 of its bytes."""
-    return CONTENT_KEY_PREFIX + hashlib.sha256(data).hexdigest()
 
 
 def namespaced(tenant: str, key: str) -> str:

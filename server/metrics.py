@@ -16,6 +16,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kvpack import __version__
+from kvpack.v1 import kvpack_pb2 as pb
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 RATIO_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -125,6 +126,24 @@ class Metrics:
                 m.labels(policy)
         self.store_evictions.labels(store)
         self.store_errors.labels(store)
+
+    # -- the narrow sink a Compress call reports through (server.compress.CompressMetrics) ----
+
+    def stage(self, stage: str, seconds: float) -> None:
+        """One pipeline stage of a call took ``seconds``."""
+        self.stage_duration.labels(stage).observe(seconds)
+
+    def compressed(self, policy: str, summary: pb.CompressSummary) -> None:
+        """A Compress call under ``policy`` ended with ``summary`` (stored when it has a key)."""
+        self.input_bytes.labels(policy).inc(summary.input_bytes)
+        self.kept_bytes.labels(policy).inc(summary.kept_bytes)
+        if not summary.key:
+            return
+        for layer in summary.layers:
+            self.reconstruction_error.labels("key").observe(layer.key_rel_error)
+            self.reconstruction_error.labels("value").observe(layer.value_rel_error)
+        self.output_bytes.labels(policy).inc(summary.stored_bytes)
+        self.compression_ratio.labels(policy).observe(summary.compression_ratio)
 
     def scrape(self) -> bytes:
         """The text exposition of this registry (what /metrics serves)."""

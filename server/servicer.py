@@ -17,13 +17,14 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
-from kvpack import __version__, codec, wire
+from kvpack import __version__, wire
 from kvpack.codec import quant_settings
 from kvpack.codec.container import VERSION as CONTAINER_VERSION
+from kvpack.engine import POLICY_NAMES
 from kvpack.errors import InvalidArgument, KVPackError, NotFound
 from kvpack.server import container, convert, keys
 from kvpack.server.auth import Authenticator
-from kvpack.server.compress import CompressSession
+from kvpack.server.compress import CompressServices, CompressSession
 from kvpack.server.config import ServerConfig
 from kvpack.server.limits import ByteBudget, IdleLimit, Reservation, StreamLimiter
 from kvpack.server.metrics import Metrics
@@ -92,7 +93,13 @@ class KVPackServicer:
         request_iterator: AsyncIterator[pb.CompressRequest | wire.ChunkFrame],
         context: aio.ServicerContext,
     ) -> AsyncIterator[pb.CompressResponse | bytes]:
-        session = CompressSession(self, self.tenant(context), context)
+        tenant = self.tenant(context)
+
+        async def put(key: str, blob: bytes, meta: Any) -> None:
+            await self.put_entry(keys.namespaced(tenant, key), blob, meta)
+
+        services = CompressServices(self.config, self.executor, self.buffered, self.metrics, put)
+        session = CompressSession(services, context)
         requests = IdleLimit(request_iterator, self.config.idle_timeout, "Compress upload")
         async for response in session.run(requests):
             yield response
@@ -221,7 +228,7 @@ class KVPackServicer:
     async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext) -> pb.InfoResponse:
         return pb.InfoResponse(
             version=__version__,
-            policies=[*sorted(codec.POLICIES), "none"],
+            policies=list(POLICY_NAMES),
             quant_modes=list(quant_settings.MODES),
             entropy_coders=list(quant_settings.ENTROPY_CODERS),
             container_version=CONTAINER_VERSION,

@@ -69,10 +69,18 @@ def _imported_by(module: str, prefixes: tuple[str, ...]) -> list[str]:
 
 
 def test_layering_codec_is_pure_and_server_client_independent() -> None:
-    """codec pulls in no gRPC/network/metrics layers; server and client never import each other."""
+    """codec pulls in no gRPC/network/metrics layers; the engine (which both server and client
+    run) pulls in neither of them, nor the store or metrics layers; server and client never
+    import each other."""
     assert (
         _imported_by(
             "kvpack.codec", ("grpc", "redis", "prometheus_client", "kvpack.server", "kvpack.client")
+        )
+        == []
+    )
+    assert (
+        _imported_by(
+            "kvpack.engine", ("redis", "prometheus_client", "kvpack.server", "kvpack.client")
         )
         == []
     )
@@ -95,6 +103,7 @@ def test_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
     assert tops == {"kvpack", f"kvpack-{kvpack.__version__}.dist-info"}, tops
     for module in (
         "kvpack/codec/__init__.py",
+        "kvpack/engine/__init__.py",
         "kvpack/server/__init__.py",
         "kvpack/client/__init__.py",
         "kvpack/v1/kvpack_pb2.py",

@@ -9,24 +9,15 @@ is passed too where the model's forward takes it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from kvpack.client.api import KVPack
 from kvpack.client.hf.cache import tensors_to_cache
 from kvpack.client.hf.ragged import ragged_attention
 from kvpack.client.hf.stats import Mode, prefill_with_scores
 from kvpack.client.result import CompressResult
-
-
-class Compressor(Protocol):
-    """KVPackClient, LocalKVPack or anything with their ``compress``."""
-
-    # A read-only callable member, so that clients with explicit keyword-only signatures match
-    # (a method declared with **kwargs would demand that they accept arbitrary keywords).
-    @property
-    def compress(self) -> Callable[..., CompressResult]: ...
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -107,7 +98,7 @@ def generate_from(
 def compress_prefill(
     model: Any,
     input_ids: torch.Tensor,
-    client: Compressor,
+    client: KVPack,
     *,
     ratio: float | None = None,
     policy: str = "kvcompose",

@@ -130,10 +130,8 @@ def _raw_stub(server: ServerThread) -> tuple[grpc.Channel, Any]:
 def test_failed_uploads_are_never_stored(server: ServerThread, client: KVPackClient) -> None:
     scores, keys, values = make_cache(seed=5)
     upload = messages.compress_upload(
-        keys, values, scores=scores, window_queries=None, policy="kvcompose", ratio=0.5,
-        n_keep=None, policy_settings=None, quant=None, store=True, key="t/half", model=None,
-        token_ids=None, return_cache=True,
-    )  # fmt: skip
+        keys, values, {"scores": scores, "ratio": 0.5, "key": "t/half"}
+    )
     requests = list(upload.requests())
     channel, stub = _raw_stub(server)
     with channel:

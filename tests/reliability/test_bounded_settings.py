@@ -297,7 +297,7 @@ def test_any_setting_is_a_working_plan_or_invalid_argument(
     policy, name = setting
     h = hdr(policy, policy_settings={name: value}, quant=quant)
     try:
-        p = plan(h, servicer)
+        p = plan(h, servicer.config)
     except InvalidArgument as e:
         assert any(n in e.message for n in (name, *quant)), e.message
         return
