@@ -136,7 +136,7 @@ def encode_stream(
         sq_norm = float(x.to(torch.float32).square().sum())
         blocks = [_window_section(enc[:, :, i * t : (i + 1) * t]) for i in range(nb)]
         return _StreamOut(blocks, window, None, 0.0, 0.0, sq_norm, 0, 0, 0.0)
-    qz = quant.quantize_blocks(enc, spec.grouping, t, spec.error_bound)
+    qz = quant.quantize_blocks(x, spec.grouping, t, spec.error_bound, nb)
     # Window tokens are exact: only their squares add to the norm.
     sq_norm = qz.sq_norm + float(tail.to(torch.float64).square().sum())
     lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None

@@ -51,19 +51,29 @@ def _block_bits(x: torch.Tensor, block_tokens: int) -> np.ndarray:
     """Element bits of CPU tensor x [B, H, nb*T, d] as a numpy view [nb, B, H, T, d] (uint16 for
     fp16/bf16, uint32 for fp32; no copy, any strides)."""
     b, h, n, d = x.shape
+    return _bits(x).reshape(b, h, n // block_tokens, block_tokens, d).transpose(2, 0, 1, 3, 4)
+
+
+def _bits(x: torch.Tensor) -> np.ndarray:
+    """Element bits of CPU tensor x as a numpy view of the same shape and strides (uint16 for
+    fp16/bf16, uint32 for fp32)."""
     bits = x.view(torch.int32 if x.element_size() == 4 else torch.int16).numpy()
-    bits = bits.view(np.uint32 if x.element_size() == 4 else np.uint16)
-    return bits.reshape(b, h, n // block_tokens, block_tokens, d).transpose(2, 0, 1, 3, 4)
+    return bits.view(np.uint32 if x.element_size() == 4 else np.uint16)
 
 
-def quantize_blocks(x: torch.Tensor, grouping: str, block_tokens: int, eb: float) -> Quantized:
-    """Quantise whole blocks x [B, H, nb*T, d] (fp32/fp16/bf16, any device) with relative bound eb
-    and `grouping` ("v", "channel" or "block", see group_shape), as docs/FORMAT.md.
+def quantize_blocks(
+    x: torch.Tensor, grouping: str, block_tokens: int, eb: float, n_blocks: int | None = None
+) -> Quantized:
+    """Quantise the first n_blocks blocks of block_tokens tokens (default: all whole blocks) of
+    x [B, H, n, d] (fp32/fp16/bf16, any device) with relative bound eb and `grouping` ("v",
+    "channel" or "block", see group_shape), as docs/FORMAT.md.
 
     ValueError on non-finite values or a group range that overflows fp32 (use mode "lossless").
     """
     x = x.detach().to("cpu")
-    nb = x.shape[2] // block_tokens
+    nb = x.shape[2] // block_tokens if n_blocks is None else n_blocks
+    if nb * block_tokens > x.shape[2]:
+        raise ValueError(f"{nb} blocks of {block_tokens} tokens exceed {x.shape[2]} tokens")
     g, m = group_shape(grouping, x.shape, block_tokens)
     n_levels = levels(eb)
     symbols = np.empty(nb * g * m, dtype=np.uint8 if n_levels <= 256 else np.uint16)
@@ -73,8 +83,11 @@ def quantize_blocks(x: torch.Tensor, grouping: str, block_tokens: int, eb: float
     hist = np.zeros((nb, n_levels), dtype=np.int64)
     acc = np.zeros(3, dtype=np.float64)
     if nb and g * m:
+        # The kernel reads contiguous [T, d] tiles: a strided input is copied once here.
         bad = kernels.quantize_blocks(
-            _block_bits(x, block_tokens),
+            _bits(x.contiguous()),
+            nb,
+            block_tokens,
             _float_kind(x.dtype),
             _GROUPINGS[grouping],
             eb,

@@ -50,6 +50,29 @@ def _u32_from_f32(typingctx: Any, f: Any) -> Any:
 
 
 @_intrinsic
+def _i64_from_f64(typingctx: Any, f: Any) -> Any:
+    """Reinterpret float64 bits as int64: for non-negative doubles the integer order is the
+    numeric order, and integer max reductions vectorise where float ones do not."""
+    sig = types.int64(types.float64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return sig, codegen
+
+
+@_intrinsic
+def _f64_from_i64(typingctx: Any, u: Any) -> Any:
+    """Reinterpret int64 bits as float64 (inverse of _i64_from_f64)."""
+    sig = types.float64(types.int64)
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return sig, codegen
+
+
+@_intrinsic
 def _f32_from_f16(typingctx: Any, u: Any) -> Any:
     """fp16 bits (uint16) -> fp32, exact (LLVM fpext: one vcvtph2ps with F16C, no branches)."""
     sig = types.float32(types.uint16)
@@ -157,13 +180,39 @@ def _widen(bits: np.ndarray, src: int, out: np.ndarray) -> bool:
     return bad == 0
 
 
-@njit(nogil=True, error_model="numpy", fastmath={"nnan", "ninf", "nsz"})
-def _row_min_max(row: np.ndarray) -> tuple[np.float32, np.float32]:
-    """(min, max) of a finite fp32 row. fastmath lets the reduction vectorise; its only effect
-    on finite input is which of +0/-0 an all-zero minimum keeps (decoded values are equal)."""
-    lo = row[0]
-    hi = row[0]
-    for c in range(1, row.shape[0]):
-        lo = min(lo, row[c])
-        hi = max(hi, row[c])
-    return lo, hi
+@njit(nogil=True, error_model="numpy")
+def _row_range_bits(row: np.ndarray, kind: int) -> tuple[np.float32, np.float32]:
+    """(min, max) as fp32 of a row of finite element bits of float kind `kind`.
+
+    Computed on order keys (sign-magnitude bits mapped to unsigned integers in numeric order):
+    integer min/max reductions vectorise where float ones do not (0.16 vs 0.5 ns/value). The
+    only difference from a float minimum: -0 sorts below +0, which decode alike."""
+    if kind == FP32:
+        lo32 = np.uint32(0xFFFFFFFF)
+        hi32 = np.uint32(0)
+        for c in range(row.shape[0]):
+            u = np.uint32(row[c])
+            k = u ^ (((u >> np.uint32(31)) * np.uint32(0x7FFFFFFF)) | np.uint32(0x80000000))
+            lo32 = min(lo32, k)
+            hi32 = max(hi32, k)
+        return _from_key32(lo32), _from_key32(hi32)
+    lo = np.uint32(0xFFFF)
+    hi = np.uint32(0)
+    for c in range(row.shape[0]):
+        u = np.uint32(row[c])
+        k = u ^ (((u >> np.uint32(15)) * np.uint32(0x7FFF)) | np.uint32(0x8000))
+        lo = min(lo, k)
+        hi = max(hi, k)
+    return _from_key16(lo, kind), _from_key16(hi, kind)
+
+
+@njit(nogil=True, error_model="numpy")
+def _from_key32(k: np.uint32) -> np.float32:
+    u = k ^ np.uint32(0x80000000) if k & np.uint32(0x80000000) else ~k
+    return _f32_from_u32(np.uint32(u))
+
+
+@njit(nogil=True, error_model="numpy")
+def _from_key16(k: np.uint32, kind: int) -> np.float32:
+    u = k ^ np.uint32(0x8000) if k & np.uint32(0x8000) else ~k & np.uint32(0xFFFF)
+    return _load(u, kind)[0]

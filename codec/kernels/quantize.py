@@ -7,11 +7,16 @@ import numpy as np
 from numba import njit
 
 from kvpack.codec.kernels.floats import (
+    BF16,
+    FP16,
+    FP32,
     GROUP_K_BLOCK,
     GROUP_K_CHANNEL,
+    _f64_from_i64,
     _fma32,
+    _i64_from_f64,
     _load,
-    _row_min_max,
+    _row_range_bits,
     _step,
     _store_value,
     _symbol,
@@ -20,92 +25,125 @@ from kvpack.codec.kernels.floats import (
 from kvpack.codec.kernels.jit import _kernel
 
 
+@njit(nogil=True, error_model="numpy", inline="always")
+def _quantize_tile_as(
+    buf: np.ndarray,
+    lo: np.ndarray,
+    div: np.ndarray,
+    st: np.ndarray,
+    by_col: bool,
+    kind: int,
+    qmax: int,
+    qt: np.ndarray,
+    back: np.ndarray,
+) -> None:
+    """qt[t, c] = symbol of buf[t, c] (fp32 [T, m]) in its group, whose minimum, divisor and
+    step are lo[g], div[g], st[g] with g = c when by_col (K channel groups) else g = t (V token
+    groups); back[t, c] = its reconstruction as decoded in float kind `kind` (widened to fp32).
+    Constant groups (step 0, divisor 1) get symbol 0, which decodes to their value exactly.
+
+    Inlined with `kind` a constant at each call site, so the kind test folds away and both
+    loops vectorise (no reductions: the error statistics are _tile_stats's)."""
+    t_len, m = buf.shape
+    top = np.float32(qmax)
+    zero = np.float32(0.0)
+    if by_col:
+        for t in range(t_len):
+            for c in range(m):
+                r = np.rint((buf[t, c] - lo[c]) / div[c])
+                s = min(max(r, zero), top)
+                qt[t, c] = s
+                back[t, c] = _store_value(_fma32(s, st[c], lo[c]), kind)[1]
+    else:
+        for t in range(t_len):
+            mn = lo[t]
+            d = div[t]
+            sp = st[t]
+            for c in range(m):
+                r = np.rint((buf[t, c] - mn) / d)
+                s = min(max(r, zero), top)
+                qt[t, c] = s
+                back[t, c] = _store_value(_fma32(s, sp, mn), kind)[1]
+
+
 @njit(nogil=True, error_model="numpy")
 def _quantize_tile(
     buf: np.ndarray,
     lo: np.ndarray,
-    step: np.ndarray,
+    div: np.ndarray,
+    st: np.ndarray,
     by_col: bool,
     src: int,
     qmax: int,
-    q: np.ndarray,
-    err_max: np.ndarray,
-    err_sq: np.ndarray,
-    norm: np.ndarray,
+    qt: np.ndarray,
+    back: np.ndarray,
 ) -> None:
-    """q[t, c] = symbol of buf[t, c] (fp32 [T, m]) in its group, whose (min, step) are lo[g],
-    step[g] with g = c when by_col (K channel groups) else g = t (V token groups);
-    constant groups (step 0) get symbol 0, which decodes to their value exactly. Folds the
-    reconstruction error as decoded (in kind `src`) into the per-column accumulators err_max,
-    err_sq and the squares of the input into norm (float64 [m]): element-wise over c, so the
-    loop vectorises without reassociating any sum."""
-    t_len, m = buf.shape
-    # Two loops rather than one with a per-element group choice: each must see contiguous
-    # (K: per column) or loop-invariant (V: per row) group parameters to vectorise.
-    if by_col:
-        for t in range(t_len):
-            for c in range(m):
-                _quantize_one(buf, t, c, lo[c], step[c], src, qmax, q, err_max, err_sq, norm)
+    """_quantize_tile_as for the float kind `src`, one specialised copy per kind."""
+    if src == FP16:
+        _quantize_tile_as(buf, lo, div, st, by_col, FP16, qmax, qt, back)
+    elif src == BF16:
+        _quantize_tile_as(buf, lo, div, st, by_col, BF16, qmax, qt, back)
     else:
-        for t in range(t_len):
-            mn = lo[t]
-            st = step[t]
-            for c in range(m):
-                _quantize_one(buf, t, c, mn, st, src, qmax, q, err_max, err_sq, norm)
+        _quantize_tile_as(buf, lo, div, st, by_col, FP32, qmax, qt, back)
+
+
+# Only the two sums may be reordered (they are reported, not stored, and compared with a 1e-9
+# relative tolerance); the maximum is taken exactly, on the bits of the non-negative errors.
+@njit(nogil=True, error_model="numpy", fastmath={"reassoc", "nnan", "ninf", "nsz"})
+def _tile_stats(buf: np.ndarray, back: np.ndarray, acc: np.ndarray) -> None:
+    """Fold max |back - buf|, sum (back - buf)^2 and sum buf^2 (float64) of a tile into acc."""
+    a = buf.ravel()
+    r = back.ravel()
+    top = _i64_from_f64(acc[0])
+    e_sq = 0.0
+    norm = 0.0
+    for i in range(a.shape[0]):
+        v = np.float64(a[i])
+        e = abs(np.float64(r[i]) - v)
+        top = max(top, _i64_from_f64(e))
+        e_sq += e * e
+        norm += v * v
+    acc[0] = _f64_from_i64(top)
+    acc[1] += e_sq
+    acc[2] += norm
 
 
 @njit(nogil=True, error_model="numpy")
-def _quantize_one(
-    buf: np.ndarray,
-    t: int,
-    c: int,
-    mn: np.float32,
-    st: np.float32,
-    src: int,
-    qmax: int,
-    q: np.ndarray,
-    err_max: np.ndarray,
-    err_sq: np.ndarray,
-    norm: np.ndarray,
-) -> None:
-    """_quantize_tile's work for element (t, c) of a group with minimum mn and step st."""
-    v = buf[t, c]
-    r = np.rint((v - mn) / (st if st != 0 else np.float32(1.0)))
-    s = min(max(r, np.float32(0.0)), np.float32(qmax))
-    q[t, c] = s
-    _, back = _store_value(_fma32(s, st, mn), src)
-    e = abs(np.float64(back) - np.float64(v))
-    err_max[c] = max(err_max[c], e)
-    err_sq[c] += e * e
-    norm[c] += np.float64(v) * np.float64(v)
-
-
-@njit(nogil=True, error_model="numpy")
-def _emit_symbols(
-    q: np.ndarray, step: np.ndarray, by_col: bool, syms: np.ndarray, w: int, hist4: np.ndarray
-) -> int:
+def _emit_symbols(q: np.ndarray, step: np.ndarray, by_col: bool, syms: np.ndarray, w: int) -> int:
     """Append the symbols of the live groups (step != 0) of tile q [T, m] to syms[w:] in group
-    order (columns when by_col, else rows) and count them in hist4 [4, levels] (four partial
-    histograms so consecutive equal symbols do not serialise on one counter). Returns the next
-    write position."""
+    order (columns when by_col, else rows). Returns the next write position."""
     t_len, m = q.shape
     if by_col:
         for c in range(m):
             if step[c] != 0:
                 for t in range(t_len):
-                    s = np.int64(q[t, c])
-                    syms[w + t] = s
-                    hist4[t & 3, s] += 1
+                    syms[w + t] = q[t, c]
                 w += t_len
     else:
         for t in range(t_len):
             if step[t] != 0:
                 for c in range(m):
-                    s = np.int64(q[t, c])
-                    syms[w + c] = s
-                    hist4[c & 3, s] += 1
+                    syms[w + c] = q[t, c]
                 w += m
     return w
+
+
+@njit(nogil=True, error_model="numpy")
+def _count(syms: np.ndarray, lo: int, hi: int, hist4: np.ndarray, hist: np.ndarray) -> None:
+    """hist += histogram of syms[lo:hi], counted in four partial histograms hist4 [4, levels]
+    (zeroed here) so that runs of equal symbols do not serialise on one counter."""
+    hist4[:] = 0
+    n4 = lo + (hi - lo) // 4 * 4
+    for i in range(lo, n4, 4):
+        hist4[0, syms[i]] += 1
+        hist4[1, syms[i + 1]] += 1
+        hist4[2, syms[i + 2]] += 1
+        hist4[3, syms[i + 3]] += 1
+    for i in range(n4, hi):
+        hist4[0, syms[i]] += 1
+    for k in range(4):
+        for s in range(hist.shape[0]):
+            hist[s] += hist4[k, s]
 
 
 @njit(nogil=True, error_model="numpy")
@@ -161,7 +199,9 @@ def _row_quantize(
 
 @_kernel
 def quantize_blocks(
-    xv: np.ndarray,
+    x4: np.ndarray,
+    nb: int,
+    t_len: int,
     src: int,
     grouping: int,
     eb: float,
@@ -173,51 +213,52 @@ def quantize_blocks(
     hist: np.ndarray,
     acc: np.ndarray,
 ) -> int:
-    """Quantise every group of the blocks of one stream (docs/FORMAT.md).
+    """Quantise every group of the first nb blocks of t_len tokens of one stream (docs/FORMAT.md).
 
-    xv: element bits [nb, B, H, T, d] (any strides; uint16 for fp16/bf16, uint32 for fp32) of
-    float kind `src`; grouping: GROUP_V / GROUP_K_CHANNEL / GROUP_K_BLOCK; eb: relative error
-    bound (used as fp32); qmax = levels - 1. Writes per block i the group minima mn[i] and steps
-    step[i] (float32 [nb, G]; step 0 for a constant group), the symbols of its live groups in
-    group order to syms (1-D, room for nb*G*m) at the running position, their count to
-    counts[i] and their histogram to hist[i] (int64 [nb, levels], zeroed by the caller); folds
-    the error statistics into acc (float64 [3]: max |x - x̂|, sum (x - x̂)^2, sum x^2; zeroed by
-    the caller). Returns 0, or 1 when a value is non-finite or a group range overflows fp32
-    (outputs then undefined).
+    x4: element bits [B, H, n, d] (C-contiguous, n >= nb * t_len; uint16 for fp16/bf16, uint32
+    for fp32) of float kind `src`; grouping: GROUP_V / GROUP_K_CHANNEL / GROUP_K_BLOCK; eb:
+    relative error bound (used as fp32); qmax = levels - 1. Writes per block i the group minima
+    mn[i] and steps step[i] (float32 [nb, G]; step 0 for a constant group), the symbols of its
+    live groups in group order to syms (1-D, room for nb*G*m) at the running position, their
+    count to counts[i] and their histogram to hist[i] (int64 [nb, levels], zeroed by the
+    caller); folds the error statistics into acc (float64 [3]: max |x - x̂|, sum (x - x̂)^2,
+    sum x^2; zeroed by the caller). Returns 0, or 1 when a value is non-finite or a group range
+    overflows fp32 (outputs then undefined).
 
     V and K-channel groups go tile by tile ([T, d] of one block, batch row and head): widen to
-    fp32, min/max, quantise with error statistics, then emit symbols; each of these loops is
-    branch-free over the tile so it vectorises, where a single fused per-value loop did not.
+    fp32, min/max, quantise, error statistics, emit symbols; each of these loops is branch-free
+    over a contiguous tile so it vectorises, where a single fused per-value loop did not.
     """
-    nb, nbatch, nheads, t_len, d = xv.shape
+    nbatch, nheads, _, d = x4.shape
     eb32 = np.float32(eb)
     w = 0
     buf = np.empty((t_len, d), dtype=np.float32)
-    q = np.empty((t_len, d), dtype=np.float32)
+    back = np.empty((t_len, d), dtype=np.float32)
+    qt = np.empty((t_len, d), dtype=syms.dtype)
     hist4 = np.zeros((4, qmax + 1), dtype=np.int64)
-    err_max = np.zeros(d, dtype=np.float64)
-    err_sq = np.zeros(d, dtype=np.float64)
-    norm = np.zeros(d, dtype=np.float64)
     n_groups = d if grouping == GROUP_K_CHANNEL else t_len
     lo = np.empty(n_groups, dtype=np.float32)
     hi = np.empty(n_groups, dtype=np.float32)
     st = np.empty(n_groups, dtype=np.float32)
+    div = np.empty(n_groups, dtype=np.float32)
+    by_col = grouping == GROUP_K_CHANNEL
     for blk in range(nb):
         start = w
         if grouping == GROUP_K_BLOCK:
+            tokens = x4[:, :, blk * t_len : (blk + 1) * t_len]
             w = _quantize_k_block(
-                xv[blk], src, eb32, qmax, syms, w, mn[blk], step[blk], hist[blk], acc
+                tokens, src, eb32, qmax, syms, w, mn[blk], step[blk], hist[blk], acc
             )
             if w < 0:
                 return 1
             counts[blk] = w - start
             continue
-        hist4[:] = 0
         for b in range(nbatch):
             for h in range(nheads):
-                if not _widen(xv[blk, b, h], src, buf):
+                tile = x4[b, h, blk * t_len : (blk + 1) * t_len]
+                if not _widen(tile, src, buf):
                     return 1
-                if grouping == GROUP_K_CHANNEL:
+                if by_col:
                     lo[:] = buf[0]
                     hi[:] = buf[0]
                     for t in range(1, t_len):
@@ -227,25 +268,21 @@ def quantize_blocks(
                             hi[c] = v if v > hi[c] else hi[c]
                 else:
                     for t in range(t_len):
-                        lo[t], hi[t] = _row_min_max(buf[t])
+                        lo[t], hi[t] = _row_range_bits(tile[t], src)
                 g0 = (b * nheads + h) * n_groups
                 for g in range(n_groups):
                     s, fine = _step(lo[g], hi[g], eb32)
                     if not fine:
                         return 1
                     st[g] = s
+                    div[g] = s if s != 0 else np.float32(1.0)
                     mn[blk, g0 + g] = lo[g]
                     step[blk, g0 + g] = s
-                by_col = grouping == GROUP_K_CHANNEL
-                _quantize_tile(buf, lo, st, by_col, src, qmax, q, err_max, err_sq, norm)
-                w = _emit_symbols(q, st, by_col, syms, w, hist4)
-        for k in range(4):
-            for sym in range(qmax + 1):
-                hist[blk, sym] += hist4[k, sym]
+                _quantize_tile(buf, lo, div, st, by_col, src, qmax, qt, back)
+                _tile_stats(buf, back, acc)
+                w = _emit_symbols(qt, st, by_col, syms, w)
+        _count(syms, start, w, hist4, hist[blk])
         counts[blk] = w - start
-    acc[0] = max(acc[0], err_max.max())
-    acc[1] += err_sq.sum()
-    acc[2] += norm.sum()
     return 0
 
 
