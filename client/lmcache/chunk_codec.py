@@ -14,6 +14,7 @@ head split -- so partial chunks (fewer than chunk_size tokens) come back with th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,27 @@ class ChunkLayout:
         return total
 
 
+def chunk_settings(settings: QuantSettings, tokens: int) -> QuantSettings:
+    """``settings`` with block_tokens fitted to a chunk of ``tokens`` tokens.
+
+    The codec cuts a stream into whole blocks and keeps the remaining tokens in full precision.
+    A full 256-token chunk splits evenly into the default 64-token blocks, but a partial chunk
+    (the end of a prompt, ``save_unfull_chunk``) of 100 tokens would keep 36 of them raw. With no
+    windows, the block size closest to the configured one within [1/2, 2]x of it that divides
+    ``tokens`` is used instead (100 tokens: 2 blocks of 50; 77: one of 77); a chunk shorter than
+    half a block is one block. If none divides, or windows are set, ``settings`` stay as given.
+    """
+    target = settings.block_tokens
+    if settings.k_window or settings.v_window or tokens <= 0 or tokens % target == 0:
+        return settings
+    if tokens < target // 2:
+        return dataclasses.replace(settings, block_tokens=tokens)
+    fits = [b for b in range(max(1, target // 2), 2 * target + 1) if tokens % b == 0]
+    if not fits:
+        return settings
+    return dataclasses.replace(settings, block_tokens=min(fits, key=lambda b: (abs(b - target), b)))
+
+
 def encode_chunk(
     tensors: Sequence[torch.Tensor],
     fmt: str,
@@ -62,6 +84,7 @@ def encode_chunk(
     tensors are not one float dtype or do not fit ``fmt``."""
     if not tensors:
         raise ValueError("a chunk has at least one tensor")
+    settings = chunk_settings(settings, layout.num_tokens(tensors[0].shape, fmt))
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) != 1 or next(iter(dtypes)) not in FLOAT_DTYPES:
         raise ValueError(

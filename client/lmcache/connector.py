@@ -70,6 +70,12 @@ def find_plugin_name(config: Any, cls: type) -> str:
     return names[0]
 
 
+def _shown(key: Any) -> str:
+    """An LMCache key as LMCache prints it (``model@world@worker@hash@dtype``)."""
+    to_string = getattr(key, "to_string", None)
+    return str(to_string()) if callable(to_string) else str(key)
+
+
 def is_health_probe(key: Any) -> bool:
     """LMCache's health monitor stores this key and, to call the backend healthy again after a
     failure, compares what comes back byte for byte -- which a lossy codec cannot pass. The
@@ -164,7 +170,9 @@ class KVPackConnector(RemoteConnector):
         with self._lock:
             down = time.monotonic() < self._down_until
         if down:
-            self.log.warning("down", "kvpack %s of %s skipped: service unreachable", op, key)
+            self.log.warning(
+                "down", "kvpack %s of %s skipped: service unreachable", op, _shown(key)
+            )
         return not down
 
     def _failed(self, op: str, key: Any, exc: BaseException) -> None:
@@ -182,7 +190,7 @@ class KVPackConnector(RemoteConnector):
             kind,
             "kvpack %s of %s: %s (%s: %s); LMCache sees a miss",
             op,
-            key,
+            _shown(key),
             what,
             type(exc).__name__,
             exc,
@@ -218,7 +226,9 @@ class KVPackConnector(RemoteConnector):
             MemoryFormat[chunk.fmt],
         )
         if memory_obj is None:
-            self.log.warning("alloc", "kvpack get of %s: LMCache's CPU buffer is full; a miss", key)
+            self.log.warning(
+                "alloc", "kvpack get of %s: LMCache's CPU buffer is full; a miss", _shown(key)
+            )
             return None
         try:
             tensors = [memory_obj.get_tensor(i) for i in range(len(chunk.shapes))]
@@ -274,7 +284,9 @@ class KVPackConnector(RemoteConnector):
             # Encoding reads the whole chunk before put returns and LMCache releases it.
             blob = await self._run(self._encode, key, memory_obj)
         except Exception as e:
-            self.log.warning("encode", "kvpack put of %s: not encodable (%s); not stored", key, e)
+            self.log.warning(
+                "encode", "kvpack put of %s: not encodable (%s); not stored", _shown(key), e
+            )
             return
         try:
             await self._run(self.client.put, blob, self._key(key))

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from kvpack.client.lmcache import layout
+from kvpack.client.lmcache.chunk_codec import chunk_settings
 from kvpack.codec import QuantSettings
 from kvpack.codec import quant as quant_math
 
@@ -86,6 +87,8 @@ def max_chunk_bytes(
     """Upper bound of ``len(encode_chunk(...))`` for group tensors of ``shapes`` in ``fmt`` and
     ``dtype``; ``meta_chars`` bounds the LMCache key stored in the meta."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
+    if shapes:  # encode_chunk fits block_tokens to the chunk's tokens the same way
+        settings = chunk_settings(settings, layout.num_tokens(tuple(shapes[0]), fmt))
     total_layers = 0
     max_tokens = 0
     data = 0

@@ -22,6 +22,7 @@ import google.protobuf
 import pytest
 import torch
 
+from kvpack import codec
 from kvpack.bench.lmcache_env import Driver, lmcache_python
 from kvpack.client import KVPackClient
 from kvpack.client.lmcache.keys import kvpack_key
@@ -47,6 +48,10 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def servers(work: Path) -> Iterator[Servers]:
+    # kvpack serve compiles the codec's kernels before it answers SERVING; compiled here first
+    # (numba's on-disk cache is shared), a cold cache on a busy 2-core machine cannot push a
+    # server start past the 60 s the launcher waits.
+    codec.warm_up()
     running = Servers(work)
     yield running
     running.stop()

@@ -214,6 +214,7 @@ def test_chunk_round_trip_within_bound(
     assert (info.fmt, info.shapes, info.dtype) == (fmt, (shape,), dtype)
     out = torch.full_like(chunk, float("nan"))
     chunk_codec.decode_into(blob, [out], info)
+    s = chunk_codec.chunk_settings(s, layout.num_tokens(shape, fmt))  # what the chunk used
     for (k, v), (k2, v2) in zip(
         layout.layers(chunk, fmt, head_dim), layout.layers(out, fmt, info.head_dims[0]), strict=True
     ):
@@ -221,6 +222,27 @@ def test_chunk_round_trip_within_bound(
             assert torch.equal(k, k2) and torch.equal(v, v2)
         else:
             check_layer(k, k2, v, v2, s)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "block"),
+    [(256, 64), (100, 50), (77, 77), (130, 65), (20, 20), (31, 31), (257, 64), (300, 60)],
+)
+def test_block_tokens_fit_partial_chunks(tokens: int, block: int) -> None:
+    s = QuantSettings(k_window=0, v_window=0)
+    assert chunk_codec.chunk_settings(s, tokens).block_tokens == block
+    windowed = QuantSettings(k_window=16, v_window=0)
+    assert chunk_codec.chunk_settings(windowed, tokens) == windowed
+
+
+def test_partial_chunk_compresses_like_a_full_one() -> None:
+    """No token of a 100-token chunk stays in full precision: its ratio is a full chunk's."""
+    s = QuantSettings(k_window=0, v_window=0)
+    ratios = []
+    for tokens in (256, 100):
+        chunk = _chunk("KV_2LTD", (2, 2, tokens, 128), 64, torch.float16)
+        ratios.append(chunk.nbytes / len(chunk_codec.encode_chunk([chunk], "KV_2LTD", 64, s)))
+    assert ratios[1] > 0.85 * ratios[0], ratios
 
 
 def test_chunk_with_two_layer_groups() -> None:
