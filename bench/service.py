@@ -1,6 +1,7 @@
 """End-to-end Compress throughput on loopback vs a bare gRPC byte stream of the same size.
 
     .venv/bin/python -m kvpack.bench.service [--mib 256] [--store] [--return-cache]
+    .venv/bin/python -m kvpack.bench.service --message-sizes [--mib 128 --repeats 4]
 
 A child process serves both a kvpack server (memory store) and a trivial byte sink defined here
 (not in the product proto): a client-streaming RPC that counts the bytes of 1 MiB messages. The
@@ -156,6 +157,37 @@ async def _bench(args: argparse.Namespace, addresses: dict[str, str]) -> dict[st
     return out
 
 
+#: Message sizes compared by ``--message-sizes`` (kvpack streams wire.CHUNK_BYTES = 1 MiB).
+MESSAGE_SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20)
+
+
+async def _message_sizes(args: argparse.Namespace, addresses: dict[str, str]) -> dict[str, Any]:
+    """Best MB/s of uploading ``--mib`` MiB to the byte sink in messages of each of
+    MESSAGE_SIZES, rounds interleaved so that load drifts hit every size alike."""
+    total = int(args.mib * (1 << 20))
+    best = dict.fromkeys(MESSAGE_SIZES, 0.0)
+    async with aio.insecure_channel(addresses["sink"], options=channel_options()) as channel:
+        upload = channel.stream_unary(
+            SINK_METHOD, request_serializer=_identity, response_deserializer=_identity
+        )
+        for _ in range(args.repeats):
+            for size in MESSAGE_SIZES:
+                payload, count = bytes(size), max(1, total // size)
+
+                async def messages_(payload: bytes = payload, count: int = count) -> Any:
+                    for _ in range(count):
+                        yield payload
+
+                start = time.perf_counter()
+                assert int(await upload(messages_(), timeout=600)) == count * size
+                best[size] = max(best[size], count * size / (time.perf_counter() - start) / 1e6)
+    ref = best[wire.CHUNK_BYTES]
+    return {
+        f"{s >> 10}KiB": {"mb_s": round(v, 1), "vs_1MiB": round(v / ref, 2)}
+        for s, v in best.items()
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run the benchmark; returns the figures (also printed by ``main``)."""
     child = subprocess.Popen(
@@ -167,6 +199,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         assert child.stdout is not None and child.stdin is not None
         addresses = json.loads(child.stdout.readline())
+        if getattr(args, "message_sizes", False):
+            return asyncio.run(_message_sizes(args, addresses))
         return asyncio.run(_bench(args, addresses))
     finally:
         if child.stdin is not None:
@@ -184,12 +218,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="server codec threads (2)")
     parser.add_argument("--store", action="store_true", help="also encode and store")
     parser.add_argument("--return-cache", action="store_true", help="stream composite K/V back")
+    parser.add_argument(
+        "--message-sizes",
+        action="store_true",
+        help="instead: the bare stream's MB/s by message size (64 KiB to 4 MiB)",
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         asyncio.run(_child(args.workers))
         return 0
     result = run(args)
+    if args.message_sizes:
+        print(json.dumps(result))
+        return 0
     print(
         f"bare gRPC stream {result['bare_stream_mb_s']} MB/s, Compress "
         f"{result['compress_mb_s']} MB/s, ratio {result['ratio']}x "

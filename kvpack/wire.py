@@ -43,7 +43,8 @@ from isal.isal_zlib import crc32 as _crc32  # zlib's CRC-32 values, 13 vs 2.3 GB
 from kvpack.errors import DataLoss, InvalidArgument, ResourceExhausted
 from kvpack.v1 import kvpack_pb2 as pb
 
-#: Chunk size for tensor and blob bytes (1 MiB measured best on loopback; see PRACTICES.md).
+#: Chunk size for tensor and blob bytes (1 MiB measured best on loopback: docs/PERFORMANCE.md,
+#: "Message size of streamed chunks").
 CHUNK_BYTES = 1 << 20
 
 _TO_TORCH: dict[int, torch.dtype] = {

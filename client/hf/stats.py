@@ -1,4 +1,4 @@
-"""Attention statistics from a causal LM, the input of KVCompose (ALGORITHMS.md §1).
+"""Attention statistics from a causal LM, the input of KVCompose (docs/ALGORITHMS.md §1.1).
 
 ``s[l, b, h, i]`` = max over task queries ``t`` of the post-softmax attention probability that
 query head ``h`` of layer ``l`` gives context position ``i`` (the softmax runs over every key the

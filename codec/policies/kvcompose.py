@@ -1,4 +1,4 @@
-"""KVCompose (ALGORITHMS.md §1): structured eviction with composite tokens and global budgets.
+"""KVCompose (docs/ALGORITHMS.md §1): structured eviction with composite tokens and global budgets.
 
 Selects the same tokens as kvpress's KVComposePress given the same statistics and settings.
 Where kvpress leaves ties to torch's unstable sorts, kvpack breaks them deterministically:

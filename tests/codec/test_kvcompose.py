@@ -1,6 +1,6 @@
 """KVCompose: hand-computed steps and a token-for-token check against a loop re-implementation.
 
-The reference below is written from ALGORITHMS.md §1 / kvpress's KVComposePress data flow, one
+The reference below is written from docs/ALGORITHMS.md §1 / kvpress's KVComposePress data flow, one
 head and one token at a time, in float32 like the press, with kvpack's documented tie break
 (per head: lower position first; globally: lower layer, then better rank).
 """
