@@ -88,15 +88,22 @@ def test_layering_codec_is_pure_and_server_client_independent() -> None:
     assert _imported_by("kvpack.server", ("kvpack.client",)) == []
 
 
-@pytest.mark.slow
-def test_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
-    """The wheel holds kvpack/ and its metadata only: no generic top-level server/client/codec."""
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """kvpack's wheel, built from this checkout."""
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
         check=True,
         capture_output=True,
     )
-    (wheel,) = tmp_path.glob("kvpack-*.whl")
+    (built,) = out.glob("kvpack-*.whl")
+    return built
+
+
+@pytest.mark.slow
+def test_wheel_installs_one_top_level_package(wheel: Path) -> None:
+    """The wheel holds kvpack/ and its metadata only: no generic top-level server/client/codec."""
     with zipfile.ZipFile(wheel) as zf:
         tops = {name.split("/")[0] for name in zf.namelist()}
         names = set(zf.namelist())
@@ -109,8 +116,51 @@ def test_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
         "kvpack/v1/kvpack_pb2.py",
         "kvpack/v1/kvpack_pb2.pyi",
         "kvpack/py.typed",
+        "kvpack/eval/reference/model.safetensors",
+        "kvpack/eval/reference/config.json",
     ):
         assert module in names, module
+
+
+@pytest.mark.slow
+def test_reference_model_loads_from_the_installed_wheel(wheel: Path, tmp_path: Path) -> None:
+    """Installed from the wheel into a fresh venv, kvpack.eval loads the reference model from
+    beside its module (the weights ship as package data). The venv sees this environment's
+    torch and transformers through a .pth line, not its kvpack (an editable finder that a
+    plain path line does not run)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    # From elsewhere and ignoring installed packages: pip must not take a kvpack it can see from
+    # here (this checkout's egg-info, PYTHONPATH) for the installed one.
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+         "--ignore-installed", str(wheel)],
+        check=True, capture_output=True, cwd=tmp_path, env=clean,
+    )  # fmt: skip
+    # After the install: pip would take this environment's kvpack for an installed one.
+    deps = {p for p in sys.path if p.endswith("site-packages")}
+    (Path(site) / "deps.pth").write_text("".join(f"{p}\n" for p in sorted(deps)))
+    code = (
+        "import kvpack, torch\n"
+        "from kvpack.eval.model import reference_model, reference_model_path\n"
+        "print(kvpack.__file__); print(reference_model_path()); m = reference_model()\n"
+        "print(m.config.num_hidden_layers, m(torch.tensor([[1, 2, 3]])).logits.shape[-1])"
+    )
+    # -I: no PYTHONPATH, user site or current directory can put another kvpack first.
+    run = subprocess.run(
+        [str(python), "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr
+    out = run.stdout.split("\n")
+    assert out[0].startswith(site) and out[1].startswith(site), out
+    layers, vocab = map(int, out[2].split())
+    assert layers >= 1 and vocab > 3
 
 
 def _free_port() -> int:
