@@ -181,6 +181,9 @@ def compress_upload(keys: Tensors, values: Tensors, options: CompressOptions) ->
     return CompressUpload(header, stats, cache.keys, cache.values)
 
 
+_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerStats))
+
+
 def compress_result(
     summary: pb.CompressSummary,
     keys: list[torch.Tensor],
@@ -195,19 +198,8 @@ def compress_result(
         values=values,
         indices=indices,
         key=s.key,
-        layers=[
-            LayerStats(
-                layer=x.layer,
-                kept_tokens=x.kept_tokens,
-                input_bytes=x.input_bytes,
-                stored_bytes=x.stored_bytes,
-                key_max_abs_error=x.key_max_abs_error,
-                value_max_abs_error=x.value_max_abs_error,
-                key_rel_error=x.key_rel_error,
-                value_rel_error=x.value_rel_error,
-            )
-            for x in s.layers
-        ],
+        # LayerStats's fields are LayerSummary's, by name.
+        layers=[LayerStats(**{f: getattr(x, f) for f in _LAYER_FIELDS}) for x in s.layers],
         input_bytes=s.input_bytes,
         kept_bytes=s.kept_bytes,
         stored_bytes=s.stored_bytes,

@@ -68,3 +68,30 @@ def test_errors_print_server_message(
     out = tmp_path / "x.safetensors"
     assert kvpack("fetch", "cli/missing", "--target", server.address, "--output", str(out)) == 1
     assert "NotFound: no entry 'cli/missing'" in capsys.readouterr().err
+
+
+def test_quant_options_take_field_or_short_names(
+    server: ServerThread, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--quant names map onto QuantSettings in one place (the same short names as kvpack eval's
+    --quant); a bad name or value ends the command with a message naming it."""
+    _, keys, values = make_cache(seed=21)
+    source = tmp_path / "cache.safetensors"
+    save_file({f"{kind}.{i}": t for kind, ts in (("keys", keys), ("values", values))
+               for i, t in enumerate(ts)}, str(source))  # fmt: skip
+    common = ("compress", str(source), "--target", server.address, "--policy", "none")
+    assert kvpack(*common, "--key", "cli/q", "--quant", "kwin=0", "--quant", "eb=0.2",
+                  "--quant", "block_tokens=16") == 0  # fmt: skip
+    capsys.readouterr()
+    settings = codec.read_header(_fetch_raw(server, tmp_path, "cli/q")).settings
+    assert (settings.k_window, settings.block_tokens) == (0, 16)
+    assert settings.k_error_bound == settings.v_error_bound == 0.2
+    for bad, word in (("kwindow=0", "kwindow"), ("block=x", "block_tokens")):
+        with pytest.raises(SystemExit, match=word):
+            kvpack(*common, "--quant", bad)
+
+
+def _fetch_raw(server: ServerThread, tmp_path: Path, key: str) -> bytes:
+    raw = tmp_path / f"{key.replace('/', '_')}.kvpk"
+    assert kvpack("fetch", key, "--target", server.address, "--output", str(raw), "--raw") == 0
+    return raw.read_bytes()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvpack import codec
-from kvpack.client import KVPackClient, LocalKVPack
+from kvpack.client import KVPackClient, LayerStats, LocalKVPack
 from kvpack.codec.quant_settings import QuantSettings
 from kvpack.engine import Allocation, CompressRequest, Layout, compress_cache, compress_header
 from kvpack.engine.schema import QUANT_FIELDS, quant_from_message, quant_message, quant_settings
@@ -169,6 +169,12 @@ def test_quant_settings_map_to_and_from_the_proto_by_field() -> None:
         quant_message({"k_windw": 3})
     with pytest.raises(InvalidArgument, match="block_tokens"):
         quant_from_message(pb.QuantSettings(block_tokens=0))
+
+
+def test_layer_stats_are_the_summary_fields_by_name() -> None:
+    """kvpack.client's LayerStats is filled from the proto's LayerSummary by field name."""
+    names = {f.name for f in dataclasses.fields(LayerStats)}
+    assert names == {f.name for f in pb.LayerSummary.DESCRIPTOR.fields}
 
 
 def test_option_names_map_onto_the_fields() -> None:
