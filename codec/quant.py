@@ -47,13 +47,6 @@ def _float_kind(dtype: torch.dtype) -> int:
     return {torch.float32: kernels.FP32, torch.float16: kernels.FP16}.get(dtype, kernels.BF16)
 
 
-def _block_bits(x: torch.Tensor, block_tokens: int) -> np.ndarray:
-    """Element bits of CPU tensor x [B, H, nb*T, d] as a numpy view [nb, B, H, T, d] (uint16 for
-    fp16/bf16, uint32 for fp32; no copy, any strides)."""
-    b, h, n, d = x.shape
-    return _bits(x).reshape(b, h, n // block_tokens, block_tokens, d).transpose(2, 0, 1, 3, 4)
-
-
 def _bits(x: torch.Tensor) -> np.ndarray:
     """Element bits of CPU tensor x as a numpy view of the same shape and strides (uint16 for
     fp16/bf16, uint32 for fp32)."""
@@ -114,10 +107,12 @@ def dequantize_blocks(
     grouping: str,
     n_levels: int,
     out: torch.Tensor,
+    block_tokens: int | None = None,
 ) -> None:
     """Write x̂ = mn + q*step (fp32, one rounding), clamped to the finite range of out's dtype and
-    rounded to it (nearest even), into out [B, H, nb*T, d] (a CPU fp32/fp16/bf16 tensor, any
-    strides), nb = len(mn).
+    rounded to it (nearest even), into the first nb = len(mn) blocks of block_tokens tokens
+    (default: out holds exactly nb blocks) of out [B, H, n, d] (a CPU fp32/fp16/bf16 tensor;
+    contiguous is fastest, any strides work).
 
     symbols: the live groups' symbols of all blocks back to back (1-D uint8/uint16); mn/step:
     float32 [nb, G]. ValueError when their number does not match the live groups, or naming
@@ -126,22 +121,33 @@ def dequantize_blocks(
     nb = mn.shape[0]
     if nb == 0 or out.numel() == 0:
         return
-    block_tokens = out.shape[2] // nb
+    if block_tokens is None:
+        block_tokens = out.shape[2] // nb
+    if nb * block_tokens > out.shape[2]:
+        raise ValueError(f"{nb} blocks of {block_tokens} tokens exceed {out.shape[2]} tokens")
     _, m = group_shape(grouping, tuple(out.shape), block_tokens)
     need = int((step != 0).sum()) * m
     if symbols.size != need:
         raise ValueError(f"{symbols.size} symbols for {need} values of live groups")
+    # The kernel writes contiguous [T, d] tiles of a C-contiguous [B, H, n, d] array: a
+    # strided `out` gets a contiguous copy written and copied back.
+    target = (
+        out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
+    )
     bad = kernels.dequantize_blocks(
-        symbols,
-        mn,
-        step,
+        np.ascontiguousarray(symbols),
+        np.ascontiguousarray(mn, dtype=np.float32),
+        np.ascontiguousarray(step, dtype=np.float32),
         _GROUPINGS[grouping],
         _float_kind(out.dtype),
         n_levels - 1,
-        _block_bits(out, block_tokens),
+        block_tokens,
+        _bits(target),
     )
     if bad >= 0:
         raise ValueError(f"block {bad}: symbol outside {n_levels} levels")
+    if target is not out:
+        out.copy_(target)
 
 
 def pack_fixed(symbols: np.ndarray, bits: int) -> bytes:

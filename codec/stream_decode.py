@@ -119,7 +119,5 @@ def decode_stream(
         syms = entropy.decode_symbol_blocks(
             [c for c, _ in blocks], [p[8 * g :] for _, p in blocks], counts, spec, lengths
         )
-        quant.dequantize_blocks(
-            syms, meta[:, :g], meta[:, g:], spec.grouping, spec.levels, out[:, :, : nb * t]
-        )
+        quant.dequantize_blocks(syms, meta[:, :g], meta[:, g:], spec.grouping, spec.levels, out, t)
     return out if device is None else out.to(device)

@@ -113,17 +113,22 @@ def _emit_symbols(q: np.ndarray, step: np.ndarray, by_col: bool, syms: np.ndarra
     """Append the symbols of the live groups (step != 0) of tile q [T, m] to syms[w:] in group
     order (columns when by_col, else rows). Returns the next write position."""
     t_len, m = q.shape
+    # Writes go through views indexed from 0: numba's negative-index wraparound check on a
+    # runtime offset (syms[w + c]) keeps a loop from vectorising.
     if by_col:
         for c in range(m):
             if step[c] != 0:
+                dst = syms[w : w + t_len]
                 for t in range(t_len):
-                    syms[w + t] = q[t, c]
+                    dst[t] = q[t, c]
                 w += t_len
     else:
         for t in range(t_len):
             if step[t] != 0:
+                dst = syms[w : w + m]
+                row = q[t]
                 for c in range(m):
-                    syms[w + c] = q[t, c]
+                    dst[c] = row[c]
                 w += m
     return w
 
@@ -133,14 +138,15 @@ def _count(syms: np.ndarray, lo: int, hi: int, hist4: np.ndarray, hist: np.ndarr
     """hist += histogram of syms[lo:hi], counted in four partial histograms hist4 [4, levels]
     (zeroed here) so that runs of equal symbols do not serialise on one counter."""
     hist4[:] = 0
-    n4 = lo + (hi - lo) // 4 * 4
-    for i in range(lo, n4, 4):
-        hist4[0, syms[i]] += 1
-        hist4[1, syms[i + 1]] += 1
-        hist4[2, syms[i + 2]] += 1
-        hist4[3, syms[i + 3]] += 1
-    for i in range(n4, hi):
-        hist4[0, syms[i]] += 1
+    part = syms[lo:hi]
+    n4 = part.shape[0] // 4 * 4
+    for i in range(0, n4, 4):
+        hist4[0, part[i]] += 1
+        hist4[1, part[i + 1]] += 1
+        hist4[2, part[i + 2]] += 1
+        hist4[3, part[i + 3]] += 1
+    for i in range(n4, part.shape[0]):
+        hist4[0, part[i]] += 1
     for k in range(4):
         for s in range(hist.shape[0]):
             hist[s] += hist4[k, s]
