@@ -2,7 +2,7 @@
 measured in the same run (memory copy, plain zstd, a bare gRPC byte stream).
 
     kvpack bench [--layers 2 --kv-heads 8 --q-heads 32 --head-dim 128 --seq 4096 --dtype fp16
-        --repeats 3 --only copy,eviction,lossy,zstd,service,concurrency --json out.json]
+        --repeats 3 --only copy,eviction,lossy,codec,zstd,service,concurrency --json out.json]
 
 The shape is Llama-3-8B's (32 layers, 8 KV heads, head_dim 128, 4k tokens) scaled to fit: by
 default 2 of the 32 layers, so the whole run takes a few minutes on 2 cores; every figure is
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from kvpack.bench import eviction, machine, report
+from kvpack.bench import codec_speed, eviction, machine, report
 
-SECTIONS = ("copy", "eviction", "lossy", "zstd", "service", "concurrency")
+SECTIONS = ("copy", "eviction", "lossy", "codec", "zstd", "service", "concurrency")
 # Run only when named in --only: it needs LMCache's own environment (bench/lmcache.py).
 EXTRA_SECTIONS = ("lmcache",)
 # section -> module exposing run(args) -> dict
@@ -33,6 +33,7 @@ MODULES = {
     "copy": "kvpack.bench.memcopy",
     "eviction": "kvpack.bench.eviction",
     "lossy": "kvpack.bench.lossy",
+    "codec": "kvpack.bench.codec_speed",
     "zstd": "kvpack.bench.zstd_baselines",
     "service": "kvpack.bench.endtoend",
     "concurrency": "kvpack.bench.concurrency",
@@ -45,6 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     eviction.configure(parser)
+    codec_speed.configure(parser)
     parser.set_defaults(layers=2, seq=4096, repeats=3)
     parser.epilog = (
         "defaults: --layers 2 --kv-heads 8 --q-heads 32 --head-dim 128 --seq 4096 --dtype fp16 "

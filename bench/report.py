@@ -69,6 +69,32 @@ def _lossy_rows(res: dict[str, Any], copy: float | None) -> list[Row]:
     return rows
 
 
+def _codec_rows(res: dict[str, Any], copy: float | None) -> list[Row]:
+    rows: list[Row] = []
+    for shape, label in (("llama", "Llama shape"), ("head_dim_32", "head_dim-32 cache")):
+        r = res[shape]
+        for way in ("encode", "decode", "decode_into"):
+            name = "decode into reused tensors" if way == "decode_into" else way
+            one, two = r["1t"][f"{way}_gbps"], r["2t"][f"{way}_gbps"]
+            rows.append((f"{label}: {name}, 1 thread", *_rate(one), _vs_copy(one, copy)))
+            rows.append(
+                (
+                    f"{label}: {name}, 2 threads",
+                    *_rate(two),
+                    f"{r[f'2t_over_1t_{way}']:.2f}x 1 thread",
+                )
+            )
+    st = res["restore"]
+    cache = st["cache"]
+    what = f"restore Llama-3-8B {cache['tokens']}-token cache ({cache['bytes'] / 2**20:.0f} MiB)"
+    prefill = f"prefill {st['prefill_s']:.3f} s at {st['prefill_tokens_per_s']:.0f} tok/s"
+    rows.append((f"{what}: decode, 1 core", f"{st['decode_s_per_core']:.3f} s", prefill, ""))
+    rows.append(
+        (f"{what}: decode, {st['cores']} cores", f"{st['decode_s_all_cores']:.3f} s", prefill, "")
+    )
+    return rows
+
+
 def _zstd_rows(res: dict[str, Any], copy: float | None) -> list[Row]:
     rows: list[Row] = []
     for dtype, entry in res.items():
@@ -160,6 +186,7 @@ ROWS: dict[str, Callable[[dict[str, Any], float | None], list[Row]]] = {
     "copy": _copy_rows,
     "eviction": _eviction_rows,
     "lossy": _lossy_rows,
+    "codec": _codec_rows,
     "zstd": _zstd_rows,
     "service": _service_rows,
     "concurrency": _concurrency_rows,
@@ -203,6 +230,18 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         check("lossy decode >= 2 GB/s per core", lossy["decode_gbps"]["median"], 2.0, True)
         if "coded_over_entropy" in lossy:
             check("lossy bits <= 1.02x Shannon", lossy["coded_over_entropy"], 1.02, False)
+    if "codec" in results:
+        for shape, scale in (("llama", 1.0), ("head_dim_32", 0.5)):
+            r = results["codec"][shape]
+            where = "Llama shape" if shape == "llama" else "head_dim-32"
+            enc = r["1t"]["encode_gbps"]["median"]
+            dec = r["1t"]["decode_gbps"]["median"]
+            check(f"{where}: encode >= {scale:g} GB/s per core", enc, scale, True)
+            check(f"{where}: decode >= {2 * scale:g} GB/s per core", dec, 2 * scale, True)
+            for way in ("encode", "decode"):
+                check(
+                    f"{where}: 2 threads {way} >= 1.8x 1 thread", r[f"2t_over_1t_{way}"], 1.8, True
+                )
     if "eviction" in results:
         for name, t in results["eviction"]["policies"].items():
             check(f"eviction {name} <= 2x copy", t["vs_copy"], 2.0, False)

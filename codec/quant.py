@@ -131,9 +131,7 @@ def dequantize_blocks(
         raise ValueError(f"{symbols.size} symbols for {need} values of live groups")
     # The kernel writes contiguous [T, d] tiles of a C-contiguous [B, H, n, d] array: a
     # strided `out` gets a contiguous copy written and copied back.
-    target = (
-        out if out.is_contiguous() else torch.empty_like(out, memory_format=torch.contiguous_format)
-    )
+    target = out if out.is_contiguous() else out.contiguous()
     bad = kernels.dequantize_blocks(
         np.ascontiguousarray(symbols),
         np.ascontiguousarray(mn, dtype=np.float32),
