@@ -75,3 +75,17 @@ def test_bench_codec_parts_on_cuda(tmp_path: Path) -> None:
     assert doc["machine"]["device"] == "cuda"
     assert doc["results"]["eviction"]["shape"]["device"].startswith("cuda")
     assert doc["results"]["lossy"]["lossy"]["encode_gbps"]["median"] > 0
+
+
+def test_bench_codec_section(tmp_path: Path) -> None:
+    doc, _ = _bench(tmp_path, "--only", "codec")
+    res = doc["results"]["codec"]
+    for shape in ("llama", "head_dim_32"):
+        for threads in ("1t", "2t"):
+            for way in ("encode_gbps", "decode_gbps", "decode_into_gbps"):
+                assert res[shape][threads][way]["median"] > 0
+        assert res[shape]["2t_over_1t_decode"] > 0 and res[shape]["ratio_vs_input"] > 1
+    restore = res["restore"]
+    assert restore["cache"]["bytes"] == 512 * 2**20 and restore["prefill_s"] == 4096 / 10_000
+    assert restore["decode_s_per_core"] > 0 and restore["decode_s_all_cores"] > 0
+    assert any(c["target"].startswith("head_dim-32") for c in doc["targets"])
