@@ -11,8 +11,9 @@ connector or serde by hand:
   (``load_engine_config_with_overrides``), then builds LMCache's ``StorageManager``, which creates
   its backends -- for ``remote_storage_plugins`` that is RemoteBackend -> ConnectorManager ->
   DynamicConnectorAdapter -> kvpack's connector.
-- ``put`` / ``get`` / ``contains`` go through that StorageManager (``batched_put``, ``get``,
-  ``batched_get``, ``contains``); ``call`` awaits a connector method (list, ping, exists) on
+- ``put`` / ``get`` / ``contains`` go through that StorageManager (``batched_put``; ``get``, or
+  with ``batched`` LMCacheEngine.retrieve's ``get_block_mapping`` + ``batched_get``;
+  ``contains``); ``call`` awaits a connector method (list, ping, exists) on
   LMCache's event loop through the RemoteBackend's connection, as LMCache's health checks do.
 - ``serde`` parses ``--l2-adapter`` specs with LMCache's CLI parser and builds each serde with
   ``create_serde_processor``, then runs its serialize / deserialize tasks on chunks allocated by
@@ -151,6 +152,19 @@ class Engine:
                 time.sleep(0.002)
         return True
 
+    def retrieve(self, keys: list[Any]) -> list[Any]:
+        """Memory objects (None for a miss) the way LMCacheEngine.retrieve finds them: which
+        backend holds which prefix of the chunks (``get_block_mapping``), then one
+        ``batched_get`` per backend. (A bare ``batched_get`` without a location stops at the
+        CPU backend's answer, even an all-miss one.)"""
+        mapping = self.manager.get_block_mapping([(k, 0, 0) for k in keys])
+        found: dict[Any, Any] = {}
+        for location, blocks in mapping.items():
+            held = [k for k, _, _ in blocks]
+            objs = self.manager.batched_get(keys=held, location=location)
+            found.update(zip(held, objs, strict=True))
+        return [found.get(k) for k in keys]
+
     def connection(self) -> Any:
         for name, backend in self.manager.storage_backends.items():
             if name.startswith("RemoteBackend"):
@@ -207,7 +221,7 @@ class Driver:
         keys = [engine.key(c) for c in cmd["chunks"]]
         start = time.perf_counter()
         if cmd.get("batched"):
-            objs = engine.manager.batched_get(keys)
+            objs = engine.retrieve(keys)
         else:
             objs = [engine.manager.get(k) for k in keys]
         seconds = time.perf_counter() - start

@@ -7,7 +7,8 @@ back through it, ``repeats`` times with fresh keys:
 
 - put: ``batched_put`` of ``chunks`` chunks until LMCache finds every one (its puts are
   asynchronous; polled every 2 ms), GB/s of raw chunk bytes;
-- get: ``batched_get`` of the same chunks (every one must hit), GB/s of raw chunk bytes;
+- get: the same chunks the way LMCacheEngine.retrieve reads them (``get_block_mapping``, then
+  ``batched_get`` per backend; every one must hit), GB/s of raw chunk bytes;
 - stored bytes: for kvpack what the service stores (``EntryInfo.stored_bytes``), for the disk
   backend the files' sizes.
 
@@ -57,7 +58,7 @@ def run(driver: Any, cmd: dict[str, Any]) -> dict[str, Any]:
                 if not engine.wait_stored(keys):
                     raise RuntimeError(f"{name}: chunks not stored after 120 s")
                 t1 = time.perf_counter()
-                got = engine.manager.batched_get(keys)
+                got = engine.retrieve(keys)
                 t2 = time.perf_counter()
                 misses = sum(g is None for g in got)
                 for g in got:
