@@ -17,7 +17,6 @@ ours. Nothing is trial-encoded twice except the blocks Huffman wins.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,21 +42,12 @@ ZSTD_PARAMS = zstandard.ZstdCompressionParameters(
     strategy=zstandard.STRATEGY_FAST,
     write_content_size=True,
 )
-_local = threading.local()  # zstd contexts are not thread-safe: one per thread
 
 
 def _zstd_compressor() -> zstandard.ZstdCompressor:
-    zc = getattr(_local, "zc", None)
-    if zc is None:
-        zc = _local.zc = zstandard.ZstdCompressor(compression_params=ZSTD_PARAMS)
-    return zc
-
-
-def _zstd_decompressor() -> zstandard.ZstdDecompressor:
-    zd = getattr(_local, "zd", None)
-    if zd is None:
-        zd = _local.zd = zstandard.ZstdDecompressor()
-    return zd
+    return lossless.per_thread(
+        "symbols_zc", lambda: zstandard.ZstdCompressor(compression_params=ZSTD_PARAMS)
+    )
 
 
 def shannon_bits(symbols: np.ndarray, n_levels: int) -> float:
@@ -222,7 +212,7 @@ def _decode_zstd(
     lengths: np.ndarray | None,
     out: np.ndarray,
 ) -> None:
-    zd = _zstd_decompressor()
+    zd = lossless.decompressor()
     width = spec.symbol_width
     dtype = "<u2" if width == 2 else np.uint8
     for i in which:

@@ -11,23 +11,8 @@ from kvpack.codec.kernels.jit import _kernel
 def pack_fixed(symbols: np.ndarray, bits: int) -> np.ndarray:
     """Pack 1-D non-negative symbols (< 2^bits, bits <= 16) with `bits` bits each, MSB first,
     zero-padded to a byte: uint8 [ceil(len * bits / 8)]."""
-    n = len(symbols)
-    out = np.zeros((n * bits + 7) // 8, dtype=np.uint8)
-    mask = (1 << bits) - 1
-    acc = np.int64(0)
-    nbits = 0
-    w = 0
-    for i in range(n):
-        acc = (acc << bits) | (np.int64(symbols[i]) & mask)
-        nbits += bits
-        while nbits >= 8:
-            nbits -= 8
-            out[w] = (acc >> nbits) & 0xFF
-            w += 1
-        acc &= (1 << nbits) - 1
-    if nbits > 0:
-        out[w] = (acc << (8 - nbits)) & 0xFF
-    return out
+    counts = np.full(1, len(symbols), dtype=np.int64)
+    return pack_fixed_blocks(symbols, counts, bits)[0]
 
 
 @_kernel
