@@ -25,7 +25,7 @@ stores only the bytes ``serialize`` reports written.
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lmcache.logging import init_logger
@@ -52,17 +52,22 @@ class _Options:
     """Parsed serde kwargs (see the module docstring); ValueError naming a bad one."""
 
     def __init__(self, kwargs: dict[str, object]) -> None:
-        own = {k: coerce_setting(k, t, kwargs[k]) for k, t in _OWN_OPTIONS.items() if k in kwargs}
         quant = {**QUANT_DEFAULTS, **{k: v for k, v in kwargs.items() if k not in _OWN_OPTIONS}}
         try:
             self.quant = QuantSettings.from_mapping(quant)
+            head_dim = kwargs.get("head_dim")
+            self.head_dim = None if head_dim is None else cast(int, _own("head_dim", head_dim))
+            self.format = cast(str, _own("format", kwargs.get("format", "KV_2LTD")))
+            self.max_workers = cast(int, _own("max_workers", kwargs.get("max_workers", 1)))
         except ValueError as e:
             raise ValueError(f"kvpack serde: {e}") from None
-        self.head_dim = int(own["head_dim"]) if "head_dim" in own else None  # type: ignore[call-overload]
-        self.format = str(own.get("format", "KV_2LTD"))
         if self.format not in layout.FORMATS:
             raise ValueError(f"kvpack serde: format must be one of {layout.FORMATS}")
-        self.max_workers = int(own.get("max_workers", 1))  # type: ignore[call-overload]
+
+
+def _own(name: str, raw: object) -> object:
+    """A serde option of its own (not a QuantSettings field), coerced to its type."""
+    return coerce_setting(name, _OWN_OPTIONS[name], raw)
 
 
 def _format_of(obj: Any, default: str) -> str:
