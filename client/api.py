@@ -14,7 +14,7 @@ from typing import Any, Protocol, Unpack
 import torch
 
 from kvpack.client.result import CompressResult, EntryInfo, ServerInfo
-from kvpack.codec.container import DecodedCache
+from kvpack.codec import DecodedCache
 from kvpack.engine.request import RequestOptions
 
 #: The stacked ``[L, B, Hkv, n, d]`` cache or its per-layer ``[B, Hkv, n, d]`` tensors.

@@ -21,8 +21,6 @@ from kvpack import __version__, codec
 from kvpack.client import messages
 from kvpack.client.api import CompressOptions, Layers, Tensors
 from kvpack.client.result import CompressResult, EntryInfo, ServerInfo
-from kvpack.codec import quant_settings
-from kvpack.codec.container import VERSION as CONTAINER_VERSION
 from kvpack.engine import POLICY_NAMES, CompressRequest, codec_name, compress_cache, entry_settings
 from kvpack.engine.keys import blob_key, validate_key
 from kvpack.errors import DataLoss, InvalidArgument, NotFound
@@ -120,9 +118,9 @@ class LocalKVPack:
         return ServerInfo(
             version=f"{__version__} (local)",
             policies=list(POLICY_NAMES),
-            quant_modes=list(quant_settings.MODES),
-            entropy_coders=list(quant_settings.ENTROPY_CODERS),
-            container_version=CONTAINER_VERSION,
+            quant_modes=list(codec.MODES),
+            entropy_coders=list(codec.ENTROPY_CODERS),
+            container_version=codec.CONTAINER_VERSION,
             store="local",
             auth_required=False,
             limits={},

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from kvpack.codec.quant_settings import QuantSettings
+from kvpack.codec import QuantSettings
 
 
 @dataclass(frozen=True)

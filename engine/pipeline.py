@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpack import codec
-from kvpack.codec.layer_codec import EncodedLayer
+from kvpack.codec import EncodedLayer
 from kvpack.codec.selection import all_finite, layer_shares
 from kvpack.engine.entries import Stored, entry_settings
 from kvpack.engine.keys import blob_key

@@ -19,12 +19,9 @@ from typing import Any, Literal, TypedDict
 import torch
 
 from kvpack import wire
+from kvpack.codec import MAX_META_CHARS, POLICIES, Policy, QuantSettings, policy_for_layout
 from kvpack.codec.budgets import Budget
-from kvpack.codec.container import MAX_META_CHARS
-from kvpack.codec.policies import POLICIES, Policy
 from kvpack.codec.policy_settings import shown
-from kvpack.codec.quant_settings import QuantSettings
-from kvpack.codec.selection import policy_for_layout
 from kvpack.engine import schema
 from kvpack.engine.keys import content_key, validate_key
 from kvpack.errors import InvalidArgument

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from kvpack.codec.quant_settings import QuantSettings
+from kvpack.codec import QuantSettings
 from kvpack.errors import InvalidArgument
 from kvpack.v1 import kvpack_pb2 as pb
 

@@ -17,9 +17,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
-from kvpack import __version__, wire
-from kvpack.codec import quant_settings
-from kvpack.codec.container import VERSION as CONTAINER_VERSION
+from kvpack import __version__, codec, wire
 from kvpack.engine import POLICY_NAMES
 from kvpack.errors import InvalidArgument, KVPackError, NotFound
 from kvpack.server import container, convert, keys
@@ -229,9 +227,9 @@ class KVPackServicer:
         return pb.InfoResponse(
             version=__version__,
             policies=list(POLICY_NAMES),
-            quant_modes=list(quant_settings.MODES),
-            entropy_coders=list(quant_settings.ENTROPY_CODERS),
-            container_version=CONTAINER_VERSION,
+            quant_modes=list(codec.MODES),
+            entropy_coders=list(codec.ENTROPY_CODERS),
+            container_version=codec.CONTAINER_VERSION,
             store=self.store.name,
             limits=convert.limits(self.config),
             auth_required=self.auth.required,
