@@ -22,6 +22,7 @@ Llama-3-8B; pass your own measurement).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -73,8 +74,8 @@ def _shape_figures(ks: list[torch.Tensor], vs: list[torch.Tensor], repeats: int)
     into = [(torch.empty_like(k), torch.empty_like(v)) for k, v in zip(ks, vs, strict=True)]
     for threads in (1, 2):
         enc = measure(_encoder(ks, vs, s, threads), repeats)
-        dec = measure(lambda t=threads: decode(blob, threads=t), repeats)
-        dec_into = measure(lambda t=threads: decode(blob, threads=t, into=into), repeats)
+        dec = measure(functools.partial(decode, blob, threads=threads), repeats)
+        dec_into = measure(functools.partial(decode, blob, threads=threads, into=into), repeats)
         out[f"{threads}t"] = {
             "encode_gbps": gbps(raw, enc),
             "decode_gbps": gbps(raw, dec),

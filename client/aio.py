@@ -157,7 +157,9 @@ class AsyncKVPackClient:
     ) -> codec.DecodedCache:
         """Fetch and decode (in a worker thread): ``kvpack.codec.DecodedCache``."""
         blob = await self.fetch_bytes(key, layers, progress=progress)
-        return await asyncio.to_thread(codec.decode, blob, device=device)
+        return await asyncio.to_thread(
+            codec.decode, blob, device=device, threads=messages.DECODE_THREADS
+        )
 
     async def put(self, blob: bytes, key: str | None = None) -> str:
         """See :meth:`kvpack.client.KVPackClient.put`."""

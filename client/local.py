@@ -79,7 +79,9 @@ class LocalKVPack:
     ) -> codec.DecodedCache:
         """``kvpack.codec.DecodedCache`` on ``device`` (default CPU)."""
         try:
-            return codec.decode(self.fetch_bytes(key, layers), device=device)
+            return codec.decode(
+                self.fetch_bytes(key, layers), device=device, threads=messages.DECODE_THREADS
+            )
         except codec.FormatError as e:
             raise DataLoss(f"stored entry is damaged: {e}") from e
 

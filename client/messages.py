@@ -8,7 +8,7 @@ tensor, then Finish; all tensor bytes in ``kvpack.wire.CHUNK_BYTES`` chunks.
 from __future__ import annotations
 
 import dataclasses
-import zlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -22,6 +22,9 @@ from kvpack.errors import InvalidArgument
 from kvpack.v1 import kvpack_pb2 as pb
 
 MiB = 1 << 20
+#: Threads that decode a fetched container (its layers' K and V streams; the codec's kernels
+#: release the GIL): restoring a cache is latency the worker waits for, so use every core.
+DECODE_THREADS = os.cpu_count() or 1
 #: Called with the number of bytes just transferred (for progress bars).
 Progress = Callable[[int], None] | None
 
@@ -316,7 +319,7 @@ def server_info(msg: pb.InfoResponse) -> ServerInfo:
 def put_requests(blob: bytes, key: str | None) -> Iterator[pb.PutRequest]:
     """PutHeader (key, size, CRC-32) then the container's chunks."""
     yield pb.PutRequest(
-        header=pb.PutHeader(key=key or "", total_bytes=len(blob), crc32=zlib.crc32(blob))
+        header=pb.PutHeader(key=key or "", total_bytes=len(blob), crc32=wire.crc32(blob))
     )
     for chunk in wire.iter_chunks(blob):
         yield pb.PutRequest(chunk=chunk)

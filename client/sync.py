@@ -162,7 +162,8 @@ class KVPackClient:
     ) -> codec.DecodedCache:
         """Fetch and decode locally: ``kvpack.codec.DecodedCache`` (keys, values, indices,
         layers, header) with tensors on ``device`` (default CPU)."""
-        return codec.decode(self.fetch_bytes(key, layers, progress=progress), device=device)
+        blob = self.fetch_bytes(key, layers, progress=progress)
+        return codec.decode(blob, device=device, threads=messages.DECODE_THREADS)
 
     def put(self, blob: bytes, key: str | None = None) -> str:
         """Store an encoded container; returns its key (content-derived when ``key`` is None).

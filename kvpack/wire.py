@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 from google.protobuf.message import Message
-from isal.isal_zlib import crc32 as _crc32  # zlib's CRC-32 values, 13 vs 2.3 GB/s here
+from isal.isal_zlib import crc32  # zlib's CRC-32 values, 13 vs 2.3 GB/s here
 
 from kvpack.errors import DataLoss, InvalidArgument, ResourceExhausted
 from kvpack.v1 import kvpack_pb2 as pb
@@ -133,7 +133,7 @@ def tensor_begin(kind: int, layer: int, tensor: torch.Tensor, data: memoryview) 
         dtype=dtype_from_torch(tensor.dtype),  # type: ignore[arg-type]
         shape=list(tensor.shape),
         nbytes=len(data),
-        crc32=_crc32(data),
+        crc32=crc32(data),
     )
 
 
@@ -350,7 +350,7 @@ class BytesAssembler:
             raise AssertionError(f"{self.what}: write at {start}, buffer holds {len(self.buffer)}")
         self.buffer += data
         if self.expected_crc is not None:
-            self._crc = _crc32(data, self._crc)
+            self._crc = crc32(data, self._crc)
 
     def result(self) -> bytearray:
         """The completed buffer; InvalidArgument if incomplete, DataLoss on a CRC mismatch."""

@@ -22,7 +22,6 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from kvpack import codec
-from kvpack.codec import kernels
 from kvpack.errors import InvalidArgument, KVPackError
 from kvpack.options import server_options
 from kvpack.server.auth import Authenticator, AuthInterceptor, load_tokens
@@ -138,7 +137,7 @@ class KVPackServer:
             self.port = server.add_secure_port(address, creds)
         # JIT-compile (or load cached) codec kernels before SERVING, off the event loop, so the
         # first request does not pay seconds of compile time.
-        await asyncio.get_running_loop().run_in_executor(self.executor, kernels.warm_up)
+        await asyncio.get_running_loop().run_in_executor(self.executor, codec.warm_up)
         await server.start()
         self._server = server
         if self.config.metrics_port:
