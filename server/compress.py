@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -339,8 +340,12 @@ class CompressSession:
         if c.request.store:
             check_deadline(self.context, "Compress store")
             stored = await self._in_pool(c.store, results)
-            meta = container.meta_from_header(
-                codec.read_header(stored.blob), stored.blob, settings=stored.settings
+            # The container's sha256 (~2 GB/s) runs in the pool, off the event loop.
+            header = codec.read_header(stored.blob)
+            meta = await self._in_pool(
+                functools.partial(container.meta_from_header, settings=stored.settings),
+                header,
+                stored.blob,
             )
             start = time.perf_counter()
             await self.services.put(stored.key, stored.blob, meta)

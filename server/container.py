@@ -56,6 +56,11 @@ def slice_stored(blob: bytes, start: int, end: int) -> bytes:
         raise DataLoss(f"stored entry is damaged: {e}") from e
 
 
+def verified_meta(blob: bytes) -> EntryMeta:
+    """:func:`verify_upload` then :func:`meta_from_header`: one call for the codec pool."""
+    return meta_from_header(verify_upload(blob), blob)
+
+
 def meta_from_header(
     header: codec.ContainerHeader, blob: bytes, *, settings: dict[str, str] | None = None
 ) -> EntryMeta:

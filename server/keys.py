@@ -1,15 +1,15 @@
 """Store keys on the server: tenant namespaces and List prefixes.
 
 Key validation and content keys are the engine's (``kvpack.engine.keys``, shared with
-LocalKVPack); the two the servicer uses are re-exported here.
+LocalKVPack); what the servicer uses is re-exported here.
 """
 
 from __future__ import annotations
 
 import re
 
+from kvpack.engine.keys import CONTENT_KEY_PREFIX as CONTENT_KEY_PREFIX
 from kvpack.engine.keys import KEY_PATTERN as KEY_PATTERN
-from kvpack.engine.keys import blob_key as blob_key
 from kvpack.engine.keys import validate_key as validate_key
 from kvpack.errors import InvalidArgument
 

@@ -151,9 +151,9 @@ class KVPackServicer:
         except KVPackError:
             await drain(requests)
             raise
-        parsed = await self.in_executor("decode", container.verify_upload, blob)
-        key = header.key or keys.blob_key(blob)
-        meta = container.meta_from_header(parsed, blob)
+        # Verify, and hash once (sha256 runs at ~2 GB/s), off the event loop.
+        meta = await self.in_executor("decode", container.verified_meta, blob)
+        key = header.key or keys.CONTENT_KEY_PREFIX + meta.sha256  # = engine.keys.blob_key(blob)
         await self.put_entry(keys.namespaced(tenant, key), blob, meta)
         return pb.PutResponse(key=key, stored_bytes=len(blob))
 
