@@ -39,6 +39,7 @@ from lmcache.v1.health_monitor.constants import PING_GENERIC_ERROR_CODE
 from lmcache.v1.memory_management import MemoryFormat
 from lmcache.v1.storage_backend.connector.base_connector import RemoteConnector
 
+from kvpack import codec
 from kvpack.client import KVPackClient
 from kvpack.client.lmcache import chunk_codec, settings
 from kvpack.client.lmcache.keys import kvpack_key, lmcache_key
@@ -126,6 +127,9 @@ class KVPackConnector(RemoteConnector):
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._reconnect = False
+        # Compile (or load from numba's cache) the codec's kernels now, in the background: the
+        # first get would otherwise pay it inside LMCache's blocking_timeout_secs.
+        self.pool.submit(self._warm_up)
         logger.info(
             "kvpack plugin %r: target %s, %s TLS, quant %s, head_dim %d, key prefix %r",
             name,
@@ -137,6 +141,12 @@ class KVPackConnector(RemoteConnector):
         )
 
     # -- plumbing ---------------------------------------------------------------------------
+
+    def _warm_up(self) -> None:
+        try:
+            codec.warm_up()
+        except Exception as e:  # a slower first chunk, not a broken plugin
+            logger.warning("kvpack plugin: codec warm-up failed (%s: %s)", type(e).__name__, e)
 
     def _new_client(self) -> KVPackClient:
         s = self.settings

@@ -159,9 +159,9 @@ def test_round_trip_through_lmcache(
     # with local_cpu: false (StorageManager.get's write-back), so later gets of those chunks
     # would not reach the plugin; batched_get's write-back honours local_cpu.
     hits = driver.send("get", name="a", chunks=specs, batched=True, save=str(batched))["hits"]
-    assert hits == [True] * len(specs)
+    assert hits == [True] * len(specs), driver.log_tail()
     hits = driver.send("get", name="a", chunks=[*specs, missing], save=str(single))["hits"]
-    assert hits == [True] * len(specs) + [False]
+    assert hits == [True] * len(specs) + [False], driver.log_tail()
     listed = driver.send("call", name="a", method="list")["result"]
     for h, _, _ in chunks:
         assert any(f"@{h:x}@" in k for k in listed), (h, listed)
