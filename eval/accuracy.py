@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvpack.client.hf.cache import cache_argument, output_cache
 from kvpack.eval.tasks import FAMILIES, Example, make_examples
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ def greedy_generate(model: PreTrainedModel, prompts: torch.Tensor, n_new: int) -
     out = model(input_ids=prompts, use_cache=True, logits_to_keep=1)
     tokens = [out.logits[:, -1].argmax(-1)]
     for _ in range(n_new - 1):
-        out = model(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values)
+        out = model(input_ids=tokens[-1][:, None], **cache_argument(model, output_cache(out)))
         tokens.append(out.logits[:, -1].argmax(-1))
     return torch.stack(tokens, dim=1)
 

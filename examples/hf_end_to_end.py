@@ -21,6 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpack.client import KVPackClient
 from kvpack.client.hf import compress_prefill, generate_from
+from kvpack.client.hf.cache import output_cache
 
 
 def build_model() -> LlamaForCausalLM:
@@ -78,7 +79,7 @@ def run(target: str, ratio: float, context_len: int, new_tokens: int) -> None:
         )
 
         with torch.no_grad():
-            full = model(input_ids=context, use_cache=True).past_key_values
+            full = output_cache(model(input_ids=context, use_cache=True))
         reference = generate_from(model, full, question, new_tokens, context_len)
         composite = generate_from(model, cache, question, new_tokens, context_len)
         same = int((reference == composite).sum())

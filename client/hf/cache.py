@@ -8,6 +8,7 @@ feeding each layer's tensors through the public ``update``. Layers may hold diff
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,3 +66,21 @@ def tensors_to_cache(
             )
         cache.update(k, v, layer)
     return cache
+
+
+def accepts(fn: Any, name: str) -> bool:
+    """True when ``fn`` takes a parameter called ``name``."""
+    return name in inspect.signature(fn).parameters
+
+
+def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that hands ``cache`` to ``model``'s forward: ``cache`` since transformers
+    5.24 (``past_key_values`` still works there with a FutureWarning, until 5.40), and
+    ``past_key_values`` before."""
+    return {"cache" if accepts(model.forward, "cache") else "past_key_values": cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The cache a forward returned: ``out.cache`` since transformers 5.24 (reading
+    ``out.past_key_values`` there warns), ``out.past_key_values`` before."""
+    return out["cache"] if "cache" in out else out["past_key_values"]

@@ -8,20 +8,15 @@ is passed too where the model's forward takes it.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 
 from kvpack.client.api import KVPack
-from kvpack.client.hf.cache import tensors_to_cache
+from kvpack.client.hf.cache import accepts, cache_argument, tensors_to_cache
 from kvpack.client.hf.ragged import ragged_attention
 from kvpack.client.hf.stats import Mode, prefill_with_scores
 from kvpack.client.result import CompressResult
-
-
-def _accepts(fn: Any, name: str) -> bool:
-    return name in inspect.signature(fn).parameters
 
 
 @torch.no_grad()
@@ -38,15 +33,15 @@ def forward_from(model: Any, cache: Any, input_ids: torch.Tensor, start: int) ->
     device = input_ids.device
     positions = torch.arange(start, start + q, device=device).unsqueeze(0)
     kwargs: dict[str, Any] = {}
-    if _accepts(model.forward, "cache_position"):
+    if accepts(model.forward, "cache_position"):
         cached = cache.get_seq_length()
         kwargs["cache_position"] = torch.arange(cached, cached + q, device=device)
     with ragged_attention(model):
         out = model(
             input_ids=input_ids,
-            past_key_values=cache,
             position_ids=positions.expand(input_ids.shape[0], -1),
             use_cache=True,
+            **cache_argument(model, cache),
             **kwargs,
         )
     return out.logits

@@ -22,7 +22,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kvpack.client.hf.cache import cache_to_tensors, tensors_to_cache
+from kvpack.client.hf.cache import (
+    cache_argument,
+    cache_to_tensors,
+    output_cache,
+    tensors_to_cache,
+)
 from kvpack.client.hf.ragged import get_attn_implementation, set_attn_implementation
 
 Mode = Literal["agnostic", "aware", "window"]
@@ -88,9 +93,9 @@ def _continue(model: Any, cache: Any, ids: torch.Tensor, start: int) -> None:
     positions = torch.arange(start, start + ids.shape[-1], device=ids.device)
     model(
         input_ids=ids,
-        past_key_values=cache,
         position_ids=positions.unsqueeze(0).expand(ids.shape[0], -1),
         use_cache=True,
+        **cache_argument(model, cache),
     )
 
 
@@ -124,7 +129,7 @@ def prefill_with_scores(
         collector = _ScoreCollector(num_layers, n, last_queries=min(window, n))
         with _eager_with_hooks(model, collector):
             out = model(input_ids=input_ids, use_cache=True)
-        keys, values = cache_to_tensors(out.past_key_values)
+        keys, values = cache_to_tensors(output_cache(out))
         return keys, values, collector.result()
 
     if mode == "agnostic":
@@ -141,7 +146,7 @@ def prefill_with_scores(
     out = model(input_ids=input_ids, use_cache=True)
     # DynamicLayer.update concatenates into new tensors, so these stay the context-only cache
     # while the task forwards below grow a separate one.
-    keys, values = cache_to_tensors(out.past_key_values)
+    keys, values = cache_to_tensors(output_cache(out))
     collector = _ScoreCollector(num_layers, n, last_queries=None)
     with _eager_with_hooks(model, collector):
         for task in tasks:
