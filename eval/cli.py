@@ -25,6 +25,8 @@ DEFAULT_RATIOS = "0.5,0.75,0.875,0.9375"
 # No full-precision windows: the question is not part of the compressed context, and windows of
 # 128/256 tokens would hold a third of a 1k-token cache in fp16. block=32 keeps short composite
 # layers (high eviction ratios) quantised instead of falling back to the full-precision tail.
+#: `--dtype` choices: torch dtype names, or "auto" for the checkpoint's own.
+DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEFAULT_QUANTS = [
     "eb=K:0.05,V:0.1,kwin=0,vwin=0",
     "eb=K:0.1,V:0.2,kwin=0,vwin=0",
@@ -124,14 +126,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", default=None, help="bearer token for --server")
     parser.add_argument("--seed", type=int, default=1234, help="task generator seed")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="weights and activations (default float32, whatever the checkpoint holds: fp16 "
+        "matmuls on CPU are slow and lose accuracy; 'auto' keeps the checkpoint's dtype)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=Path("kvpack-eval"), help="output folder")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def load_model(name: str, device: str) -> Any:
-    """The reference model, or any HF causal LM folder/hub id, in eval mode on ``device``."""
+def load_model(name: str, device: str, dtype: str = "float32") -> Any:
+    """The reference model, or any HF causal LM folder/hub id, in eval mode on ``device`` in
+    ``dtype`` (one of :data:`DTYPES`; "auto" keeps the checkpoint's)."""
     from kvpack.eval.model import reference_model
 
     model: Any
@@ -140,8 +150,23 @@ def load_model(name: str, device: str) -> Any:
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation="sdpa")
+        model = model.eval()
+    if dtype != "auto":
+        import torch
+
+        model = model.to(getattr(torch, dtype))
     return model.to(device)
+
+
+def plots_unavailable() -> str | None:
+    """Why the PNG plots cannot be drawn (matplotlib missing), or None: checked before a run of
+    minutes, not after it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "PNG plots need matplotlib: pip install 'kvpack[eval]', or pass --no-plots"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -158,6 +183,12 @@ def run(args: argparse.Namespace) -> int:
     if bad or unknown:
         print(f"kvpack eval: unknown modes {bad} / tasks {unknown}", file=sys.stderr)
         return 2
+    missing = None if args.no_plots else plots_unavailable()
+    if missing:
+        print(f"kvpack eval: {missing}", file=sys.stderr)
+        return 2
+    if args.device == "cpu" and args.dtype == "float16":
+        print("kvpack eval: warning: float16 on CPU is slow and less accurate", file=sys.stderr)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -170,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"kvpack eval: {e}", file=sys.stderr)
         return 2
     start = time.monotonic()
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, args.dtype)
     examples = {t: make_examples(t, args.length, args.samples, args.seed) for t in args.tasks}
     total = sum(len(v) for v in examples.values()) * len(config.points)
     client = LocalKVPack() if args.server is None else KVPackClient(args.server, token=args.token)
@@ -194,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         "stats": args.stats,
         "seed": args.seed,
         "backend": args.server or "in-process",
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "machine": f"{platform.machine()} {platform.processor() or platform.system()}, "
         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {args.device}",
         "wall_seconds": round(wall, 1),
@@ -215,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
     )
     (args.out / "results.md").write_text(markdown + "\n")
     print("\n" + markdown)
+    if report.baseline_too_low(rows):
+        print(f"kvpack eval: warning: {report.LOW_BASELINE}", file=sys.stderr)
     if not args.no_plots:
         from kvpack.eval import plots
 

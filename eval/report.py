@@ -159,6 +159,22 @@ def write_csv(path: Path, rows: list[Row]) -> None:
         writer.writerows(asdict(r) for r in rows)
 
 
+#: Below this uncompressed accuracy the model does not solve the tasks, and comparing
+#: compressions of its (mostly wrong) answers says nothing about the compressions.
+MIN_BASELINE = 0.5
+LOW_BASELINE = (
+    f"the uncompressed accuracy is below {100 * MIN_BASELINE:.0f} %: this model does not solve "
+    "these tasks at this length, so no target is evaluated (use a model that does, or shorter "
+    "prompts)"
+)
+
+
+def baseline_too_low(rows: list[Row]) -> bool:
+    """True when the uncompressed accuracy (average over tasks) is below :data:`MIN_BASELINE`."""
+    base = next((r.accuracy for r in rows if r.task == ALL and r.mode == "baseline"), None)
+    return base is not None and base < MIN_BASELINE
+
+
 def headline(rows: list[Row], reference: str = "kvcompose") -> str:
     """Markdown bullets: the issue #8 targets measured on these rows (average over tasks).
 
@@ -170,6 +186,8 @@ def headline(rows: list[Row], reference: str = "kvcompose") -> str:
     base = next((r.accuracy for r in avg if r.mode == "baseline"), 0.0)
     evict = {(r.policy, r.ratio): r.accuracy for r in avg if r.mode == "evict"}
     lines = [f"- uncompressed accuracy: {100 * base:.1f} %"]
+    if baseline_too_low(rows):
+        return "\n".join([*lines, f"- **warning**: {LOW_BASELINE}"])
     high = sorted({ratio for (_, ratio) in evict if ratio >= 0.75})
     for policy in dict.fromkeys(p for (p, _) in evict):
         if policy == reference or not all((reference, x) in evict for x in high):

@@ -172,3 +172,46 @@ def test_uncompressed_baseline_answers_like_the_plain_model() -> None:
     results = run_points(model, LocalKVPack(), config, {"own": own})
     assert [r.spec.mode for r in results] == ["baseline"] * len(own)
     assert all(r.correct for r in results)
+
+
+def test_low_baseline_warns_and_evaluates_no_target(local_run: Path) -> None:
+    from kvpack.eval import report
+
+    result = json.loads((local_run / "results.json").read_text())
+    rows = [report.Row(**r) for r in result["points"]]
+    base = next(r for r in rows if r.task == "all" and r.mode == "baseline")
+    assert base.accuracy >= 0.5  # the reference model answers this example
+    assert not report.baseline_too_low(rows)
+    assert "kvcompose - snapkv" in report.headline(rows)
+    # The same points with a model that solves only 1 in 5 uncompressed: a warning, no target.
+    low = [dataclasses.replace(r, accuracy=0.2) if r is base else r for r in rows]
+    assert report.baseline_too_low(low)
+    lines = report.headline(low).splitlines()
+    assert lines == [
+        "- uncompressed accuracy: 20.0 %",
+        f"- **warning**: {report.LOW_BASELINE}",
+    ]
+
+
+def test_missing_matplotlib_fails_before_the_run(
+    model_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any
+) -> None:
+    # None in sys.modules makes `import matplotlib` raise ImportError, as when it is absent.
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    out = tmp_path / "out"
+    assert main(["eval", "--model", model_path, *ARGS, "--out", str(out)]) == 2
+    assert "PNG plots need matplotlib" in capsys.readouterr().err
+    assert not out.exists()  # nothing ran
+
+
+def test_dtype_loads_the_checkpoint_as_asked(tmp_path: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    from kvpack.eval.cli import load_model
+    from kvpack.eval.model import reference_config
+
+    config = reference_config(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128)
+    LlamaForCausalLM(config).half().save_pretrained(tmp_path)  # an fp16 checkpoint
+    assert next(load_model(str(tmp_path), "cpu").parameters()).dtype == torch.float32
+    assert next(load_model(str(tmp_path), "cpu", "auto").parameters()).dtype == torch.float16
+    assert next(load_model(str(tmp_path), "cpu", "bfloat16").parameters()).dtype == torch.bfloat16
