@@ -252,16 +252,7 @@ class KVPackConnector(RemoteConnector):
     # -- RemoteConnector --------------------------------------------------------------------
 
     async def exists(self, key: Any) -> bool:
-        if not self._reachable("exists", key):
-            return False
-        try:
-            await self._run(self.client.stat, self._key(key))
-            return True
-        except NotFound:
-            return False
-        except Exception as e:
-            self._failed("exists", key, e)
-            return False
+        return await self._run(self.exists_sync, key)
 
     def exists_sync(self, key: Any) -> bool:
         if not self._reachable("exists", key):
