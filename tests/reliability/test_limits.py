@@ -19,11 +19,9 @@ import pytest
 import torch
 from grpc import aio
 
-from kvpack import codec
-from kvpack.codec import QuantSettings
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
-from tests.reliability.test_faults import wait_for
+from tests.reliability.test_faults import containers, wait_for
 from tests.server.server_support import compress_requests, header, put_requests
 
 MiB = 1 << 20
@@ -36,11 +34,6 @@ def rss() -> int:
     _LIBC.malloc_trim(0)
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def container(seed: int = 0) -> bytes:
-    k = torch.randn(1, 2, 96, 32, generator=torch.Generator().manual_seed(seed)).half()
-    return codec.encode([k, k], [k, k], settings=QuantSettings(mode="lossless"))
 
 
 async def stalled(first: Iterator[Any], hold: asyncio.Event) -> AsyncIterator[Any]:
@@ -150,7 +143,7 @@ async def test_buffered_bytes_cap_is_server_wide(start_server: Any, channels: An
     first.cancel()
     hold.set()
     await wait_for(lambda: server.servicer.buffered.used == 0, 10, "first call's bytes returned")
-    blob = container()
+    blob = containers(1)[0]
     reply = await stub.Put(put_requests(blob, "third"), timeout=30)
     assert reply.stored_bytes == len(blob)
     assert server.servicer.buffered.used == 0
@@ -218,7 +211,7 @@ async def test_one_tenant_cannot_take_every_stream_slot(start_server: Any, chann
     await wait_for(lambda: server.servicer.streams.by_tenant.get("alpha") == 2, 10, "2 held")
     for call in (
         stub.Compress(stalled(compress_header_only(), hold), metadata=alpha, timeout=10),
-        stub.Put(put_requests(container(), "x"), metadata=alpha, timeout=10),
+        stub.Put(put_requests(containers(1)[0], "x"), metadata=alpha, timeout=10),
         stub.Fetch(pb.FetchRequest(key="x"), metadata=alpha, timeout=10),
     ):
         with pytest.raises(aio.AioRpcError) as err:
@@ -226,7 +219,7 @@ async def test_one_tenant_cannot_take_every_stream_slot(start_server: Any, chann
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "--max-streams-per-tenant" in (err.value.details() or "")
     # The other tenant is not affected.
-    blob = container(1)
+    blob = containers(1, 1)[0]
     await stub.Put(put_requests(blob, "b/1"), metadata=beta, timeout=10)
     fetched = b"".join(
         [r.chunk.data async for r in stub.Fetch(pb.FetchRequest(key="b/1"), metadata=beta)]
@@ -266,7 +259,7 @@ async def test_quiet_uploads_are_ended_by_the_idle_timeout(
     await wait_for(lambda: server.servicer.streams.active == 0, 10, "slots released")
     assert server.servicer.buffered.used == 0
     # A client that keeps sending is not cut off, however long the upload takes in all.
-    blob = container(2)
+    blob = containers(1, 2)[0]
 
     async def slow_put() -> AsyncIterator[pb.PutRequest]:
         yield pb.PutRequest(
