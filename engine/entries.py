@@ -13,11 +13,14 @@ from kvpack.codec import QuantSettings
 
 @dataclass(frozen=True)
 class Stored:
-    """A compressed cache ready for the store: its key, container bytes and entry settings."""
+    """A compressed cache ready for the store: its key, container bytes and entry settings;
+    ``sha256`` is the container's hex digest when the key was made from it (else empty), so the
+    server does not hash the container a second time for the store's checksum."""
 
     key: str
     blob: bytes
     settings: dict[str, str]
+    sha256: str = ""
 
 
 def entry_settings(quant: QuantSettings, meta: Mapping[str, str] | None = None) -> dict[str, str]:

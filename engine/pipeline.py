@@ -11,6 +11,7 @@ so both keep the same tokens and write the same bytes under the same key.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from kvpack import codec
 from kvpack.codec import EncodedLayer
 from kvpack.codec.selection import all_finite, layer_shares
 from kvpack.engine.entries import Stored, entry_settings
-from kvpack.engine.keys import blob_key
+from kvpack.engine.keys import CONTENT_KEY_PREFIX
 from kvpack.engine.request import Allocation, CompressRequest, StatsKind
 from kvpack.errors import InvalidArgument
 from kvpack.v1 import kvpack_pb2 as pb
@@ -182,8 +183,15 @@ class Compression:
             seq_len=r.layout.seq_len,
         )
         _timed(self.timings, "encode", start)
-        key = r.key or (r.content_key(self._statistics) if r.token_ids else blob_key(blob))
-        return Stored(key, blob, entry_settings(r.quant, meta))
+        digest = ""
+        if r.key:
+            key = r.key
+        elif r.token_ids:
+            key = r.content_key(self._statistics)
+        else:  # the blob's content key (engine.keys.blob_key), digest kept for the store
+            digest = hashlib.sha256(blob).hexdigest()
+            key = CONTENT_KEY_PREFIX + digest
+        return Stored(key, blob, entry_settings(r.quant, meta), digest)
 
     def summary(
         self, results: Sequence[LayerResult], stored: Stored | None = None

@@ -340,10 +340,13 @@ class CompressSession:
         if c.request.store:
             check_deadline(self.context, "Compress store")
             stored = await self._in_pool(c.store, results)
-            # The container's sha256 (~2 GB/s) runs in the pool, off the event loop.
+            # The container's sha256 (~2 GB/s; the engine's when it keyed the entry by it) runs
+            # in the pool, off the event loop.
             header = codec.read_header(stored.blob)
             meta = await self._in_pool(
-                functools.partial(container.meta_from_header, settings=stored.settings),
+                functools.partial(
+                    container.meta_from_header, settings=stored.settings, sha256=stored.sha256
+                ),
                 header,
                 stored.blob,
             )

@@ -62,11 +62,16 @@ def verified_meta(blob: bytes) -> EntryMeta:
 
 
 def meta_from_header(
-    header: codec.ContainerHeader, blob: bytes, *, settings: dict[str, str] | None = None
+    header: codec.ContainerHeader,
+    blob: bytes,
+    *,
+    settings: dict[str, str] | None = None,
+    sha256: str = "",
 ) -> EntryMeta:
     """EntryMeta of a container: sizes, dtype, codec name ("mode/entropy"), its settings
     (``settings`` as the engine computed them for a Compress, else the container's quant
-    settings: engine.entry_settings) and the sha256 stores verify on read."""
+    settings: engine.entry_settings) and the sha256 stores verify on read (``sha256`` when the
+    caller already has the digest, else computed here)."""
     return EntryMeta(
         stored_bytes=len(blob),
         original_bytes=sum(header.raw_bytes),
@@ -74,7 +79,7 @@ def meta_from_header(
         dtype=header.dtype,
         codec=codec_name(header.settings),
         settings=entry_settings(header.settings) if settings is None else dict(settings),
-        sha256=hashlib.sha256(blob).hexdigest(),
+        sha256=sha256 or hashlib.sha256(blob).hexdigest(),
     )
 
 

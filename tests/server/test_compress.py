@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Any
 
 import grpc
@@ -204,3 +205,23 @@ async def test_compress_limits(start_server: Any, channels: Any) -> None:
     scores, keys, values = make_cache(layers=8, n=96)
     code, msg = await _status(stub, compress_requests(header(keys, 8), scores, keys, values))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-request-bytes" in msg
+
+
+async def test_keyless_compress_is_keyed_and_checksummed_by_its_container(
+    start_server: Any, channels: Any, tmp_path: Any
+) -> None:
+    # Without key or token ids the entry's key is the container's sha256, and the disk store
+    # keeps that same digest as its checksum (verified on every read).
+    from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+
+    server = await start_server(store="disk", disk_path=str(tmp_path / "store"))
+    stub = pb_grpc.KVPackStub(channels(server.address))
+    scores, keys, values = make_cache(layers=2, n=64)
+    h = header(keys, 8, store=True)
+    out = await compress(stub, compress_requests(h, scores, keys, values), timeout=30)
+    assert out.summary is not None
+    blob = await fetch(stub, out.summary.key, timeout=30)
+    digest = hashlib.sha256(blob).hexdigest()
+    assert out.summary.key == "sha256:" + digest
+    meta = await server.store.stat("default/" + out.summary.key)
+    assert meta.sha256 == digest
