@@ -8,6 +8,7 @@ is passed too where the model's forward takes it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -90,35 +91,64 @@ def generate_from(
     return torch.cat(generated, dim=-1)
 
 
-def compress_prefill(
+@dataclass(frozen=True)
+class Prefilled:
+    """A prefill and its attention statistics, ready to compress any number of times.
+
+    ``keys`` / ``values``: per-layer ``[B, Hkv, n, d]`` (keys after RoPE); ``scores``
+    ``[L, B, Hq, n]`` float32; ``length``: ``n``, the position generation continues from.
+    Compressing never modifies them, so one prefill serves every ratio and policy.
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    scores: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[2])
+
+
+def prefill(
     model: Any,
     input_ids: torch.Tensor,
+    *,
+    mode: Mode = "agnostic",
+    question_ids: torch.Tensor | None = None,
+    window: int = 64,
+) -> Prefilled:
+    """Prefill ``input_ids [B, n]`` and collect statistics once (see
+    :func:`~kvpack.client.hf.prefill_with_scores` for ``mode``/``question_ids``/``window``);
+    then :func:`compress_prefilled` as often as needed."""
+    keys, values, scores = prefill_with_scores(
+        model, input_ids, mode=mode, question_ids=question_ids, window=window
+    )
+    return Prefilled(keys, values, scores)
+
+
+def compress_prefilled(
+    prefilled: Prefilled,
     client: KVPack,
     *,
     ratio: float | None = None,
     policy: str = "kvcompose",
-    mode: Mode = "agnostic",
-    question_ids: torch.Tensor | None = None,
-    window: int = 64,
     **compress_kwargs: Any,
 ) -> tuple[Any, CompressResult]:
-    """Prefill ``input_ids [B, n]``, collect statistics, compress through ``client``.
+    """Compress one :class:`Prefilled` through ``client`` (a ratio/policy sweep reuses it).
 
     ``compress_kwargs`` go to ``client.compress`` (``n_keep``, ``quant``, ``store``, ``key``,
-    ``model``, ``token_ids``, ``policy_settings``).
+    ``model``, ``token_ids``, ``policy_settings``); ``store=False`` returns the composite cache
+    without encoding or storing a container (``result.key`` is then empty).
 
     Returns:
         ``(cache, result)``: a ``DynamicCache`` holding the composite cache (ragged per layer;
-        continue it with :func:`generate_from` and ``original_length = n``) and the
+        continue it with :func:`generate_from` and ``start = prefilled.length``) and the
         :class:`~kvpack.client.result.CompressResult`.
     """
-    keys, values, scores = prefill_with_scores(
-        model, input_ids, mode=mode, question_ids=question_ids, window=window
-    )
     result = client.compress(
-        keys,
-        values,
-        scores=None if policy == "none" else scores,
+        prefilled.keys,
+        prefilled.values,
+        scores=None if policy == "none" else prefilled.scores,
         policy=policy,
         ratio=ratio,
         return_cache=True,
@@ -132,3 +162,26 @@ def compress_prefill(
             "structured policy (e.g. kvcompose) with batch rows keeping equal counts"
         )
     return tensors_to_cache(result.keys, result.values), result
+
+
+def compress_prefill(
+    model: Any,
+    input_ids: torch.Tensor,
+    client: KVPack,
+    *,
+    ratio: float | None = None,
+    policy: str = "kvcompose",
+    mode: Mode = "agnostic",
+    question_ids: torch.Tensor | None = None,
+    window: int = 64,
+    **compress_kwargs: Any,
+) -> tuple[Any, CompressResult]:
+    """:func:`prefill` then :func:`compress_prefilled`: prefill ``input_ids [B, n]``, collect
+    statistics, compress through ``client``. To try several ratios or policies on one prompt,
+    call :func:`prefill` once and :func:`compress_prefilled` per setting instead.
+
+    Returns:
+        ``(cache, result)`` as :func:`compress_prefilled` (continue from position ``n``).
+    """
+    pre = prefill(model, input_ids, mode=mode, question_ids=question_ids, window=window)
+    return compress_prefilled(pre, client, ratio=ratio, policy=policy, **compress_kwargs)

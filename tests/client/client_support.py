@@ -53,7 +53,9 @@ class ServerThread:
         self.address = f"127.0.0.1:{self.server.port}"
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=60)
+        # A hang guard only: start-up compiles the codec kernels (warm_up), which takes minutes
+        # on a loaded 2-core machine with an empty numba cache.
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=600)
 
     def stop(self) -> None:
         self.run(self.server.stop(grace=0.5))

@@ -11,7 +11,9 @@ from kvpack.client import KVPackClient, LocalKVPack
 from kvpack.client.hf import (
     cache_to_tensors,
     compress_prefill,
+    compress_prefilled,
     generate_from,
+    prefill,
     tensors_to_cache,
 )
 from tests.client.client_support import ServerThread
@@ -78,3 +80,25 @@ def test_padded_composite_is_refused(tiny_llama: Any, context_ids: torch.Tensor)
             tiny_llama, context_ids, LocalKVPack(), ratio=0.5, policy="kvcompose_unstructured",
             store=False,
         )  # fmt: skip
+
+
+def test_one_prefill_compresses_at_every_ratio(tiny_llama: Any, context_ids: torch.Tensor) -> None:
+    """prefill once, compress_prefilled per setting: the same result as a fresh compress_prefill
+    per setting, the prefill untouched, and store=False leaves nothing in the store."""
+    client = LocalKVPack()
+    pre = prefill(tiny_llama, context_ids)
+    snapshot = [t.clone() for t in (*pre.keys, *pre.values, pre.scores)]
+    assert pre.length == context_ids.shape[-1]
+    for policy, ratio in [("kvcompose", 0.5), ("kvcompose_uniform", 0.75), ("snapkv", 0.875)]:
+        cache, result = compress_prefilled(pre, client, ratio=ratio, policy=policy, store=False)
+        assert result.key == "" and result.stored_bytes == 0
+        _, fresh = compress_prefill(tiny_llama, context_ids, client, ratio=ratio, policy=policy)
+        assert fresh.key is not None
+        for got, want in zip(result.indices, fresh.indices, strict=True):
+            assert torch.equal(got, want)
+        keys, _ = cache_to_tensors(cache)
+        assert [k.shape[2] for k in keys] == [k.shape[2] for k in fresh.keys]
+        client.delete(fresh.key)
+    assert list(client.list()) == []
+    after = [*pre.keys, *pre.values, pre.scores]
+    assert all(torch.equal(a, b) for a, b in zip(after, snapshot, strict=True))
