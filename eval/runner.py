@@ -1,6 +1,7 @@
 """The `kvpack eval` loop: prefill once per example, then score every compression point from it.
 
-For each example of ``kvpack.eval.tasks`` the prompt is split at ``QUERY``: the context
+For each example (``kvpack.eval.tasks`` or a plug-in generator) the prompt is split where the
+generator says (``Example.context_len``; kvpack's own tasks split at ``QUERY``): the context
 (``n`` tokens) is prefilled and compressed; the question (``QUERY <kind> ... ANSWER``) is fed
 afterwards in one multi-token forward over the (possibly ragged) compressed cache at positions
 ``n, n+1, ...``, and the answer is generated greedily and scored by exact match.
@@ -25,7 +26,7 @@ from kvpack.client.api import KVPack
 from kvpack.client.hf import generate_from, prefill_with_scores, tensors_to_cache
 from kvpack.codec import POLICIES
 from kvpack.codec.selection import make_policy
-from kvpack.eval.tasks import QUERY, VOCAB_SIZE, Example
+from kvpack.eval.tasks import VOCAB_SIZE, Example
 
 Mode = Literal["baseline", "evict", "lossy", "fixed", "evict+lossy"]
 MODES: tuple[Mode, ...] = ("evict", "lossy", "fixed", "evict+lossy")
@@ -164,8 +165,10 @@ def model_token_map(model: Any) -> np.ndarray | None:
 def split_example(
     example: Example, mapping: np.ndarray | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(context [1, n], question [1, m], answer [1, a])`` in the model's token ids."""
-    cut = example.prompt.index(QUERY)
+    """``(context [1, n], question [1, m], answer [1, a])`` in the model's token ids: the split
+    is the generator's (``example.context_len``); ``mapping`` maps task ids to model ids (None:
+    the ids already are the model's)."""
+    cut = example.context_len
 
     def ids(tokens: list[int]) -> torch.Tensor:
         out = np.asarray(tokens) if mapping is None else mapping[np.asarray(tokens)]
@@ -243,10 +246,16 @@ def run_eval(
     config: EvalConfig,
     examples: dict[str, list[Example]],
     progress: Callable[[str], None] | None = None,
+    *,
+    task_vocabulary: bool = True,
 ) -> list[PointResult]:
-    """Every point of ``config`` on every example; ``progress(task)`` is called after each point."""
+    """Every point of ``config`` on every example; ``progress(task)`` is called after each point.
+
+    ``task_vocabulary``: the examples use kvpack's synthetic task vocabulary (mapped into the
+    model's, :func:`token_map`); False for a plug-in generator's, already in the model's ids.
+    """
     device = next(model.parameters()).device
-    mapping = model_token_map(model)
+    mapping = model_token_map(model) if task_vocabulary else None
     kinds = {
         k
         for p in {*config.policies, *config.combo_policies}

@@ -28,7 +28,7 @@ model to grab any value after any key).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -73,16 +73,28 @@ DEFAULT_DISTRACTORS = {
 
 @dataclass(frozen=True)
 class Example:
-    """One task instance.
+    """One task instance (kvpack's own families, or a ``--task-generator`` plug-in's).
 
-    ``prompt``: ``length`` token ids, ending in ``ANSWER``. ``answer``: the ids to generate.
-    ``lm_mask``: one bool per prompt token, True where a language-model loss may be applied.
+    ``prompt``: token ids; ``prompt[:context_len]`` is the context that is prefilled and
+    compressed, the rest the question fed after it (``0 < context_len < len(prompt)``).
+    ``answer``: the ids to generate (exact match). ``lm_mask``: one bool per prompt token, True
+    where a language-model loss may be applied (training only; empty for plug-in examples).
     """
 
     task: str
     prompt: list[int]
     answer: list[int]
-    lm_mask: list[bool]
+    context_len: int
+    lm_mask: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.context_len < len(self.prompt):
+            raise ValueError(
+                f"{self.task}: context_len {self.context_len} must be in [1, {len(self.prompt)})"
+                " (the prompt is context then question)"
+            )
+        if not self.answer:
+            raise ValueError(f"{self.task}: the answer is empty")
 
 
 class _Builder:
@@ -213,10 +225,11 @@ def _finish(
     out = _Builder()
     out.add([BOS], lm=False)
     out.extend(body)
+    context_len = len(out.ids)
     out.add([QUERY, *question, ANSWER], lm=False)
     if len(out.ids) != length:
         raise AssertionError(f"{task}: built {len(out.ids)} tokens, wanted {length}")
-    return Example(task=task, prompt=out.ids, answer=answer, lm_mask=out.mask)
+    return Example(task, out.ids, answer, context_len, lm_mask=out.mask)
 
 
 def _resolve_distractors(

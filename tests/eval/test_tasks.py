@@ -72,6 +72,8 @@ def test_shape_and_determinism(task: str, length: int) -> None:
         assert ex.task == task
         assert len(ex.prompt) == len(ex.lm_mask) == length
         assert ex.prompt[0] == BOS and ex.prompt[-1] == ANSWER
+        # The context/question split is the generator's: the question starts at the last QUERY.
+        assert ex.context_len == len(ex.prompt) - 1 - ex.prompt[::-1].index(QUERY)
         assert ex.answer and all(0 <= t < VOCAB_SIZE for t in ex.prompt + ex.answer)
 
 
@@ -187,3 +189,10 @@ def test_unknown_task_and_short_length_raise() -> None:
         make_example("nope", 128, rng)
     with pytest.raises(ValueError):
         make_example("multiquery", 20, rng)
+
+
+def test_example_refuses_a_split_outside_the_prompt() -> None:
+    with pytest.raises(ValueError, match="context_len 5 must be in"):
+        Example("mine", [1, 2, 3, 4, 5], [6], context_len=5)
+    with pytest.raises(ValueError, match="answer is empty"):
+        Example("mine", [1, 2, 3], [], context_len=1)
