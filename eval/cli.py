@@ -7,6 +7,11 @@ Example (the reference model, every default policy/ratio/mode, in-process codec)
 Writes ``results.json``, ``results.csv`` (one row per task x point, plus task ``all``, the
 average over task families), ``results.md`` (tables and the issue #8 targets),
 ``accuracy_vs_ratio.png`` and ``accuracy_vs_bytes.png``.
+
+Any model, any tasks: ``--model`` takes a Hugging Face causal LM folder and
+``--task-generator module:function`` replaces kvpack's synthetic families with your own examples
+(prompts in the model's ids, split into context and question by the generator; see
+:mod:`kvpack.eval.plugins`).
 """
 
 from __future__ import annotations
@@ -76,7 +81,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0] if __doc__ else None
     parser.add_argument("--model", default="reference", help="HF causal LM folder or 'reference'")
     parser.add_argument(
-        "--tasks", type=_csv(str), default=list(FAMILIES), help="comma list (default: every family)"
+        "--tasks",
+        type=_csv(str),
+        default=None,
+        help="comma list (default: every kvpack family, or the --task-generator's own list)",
+    )
+    parser.add_argument(
+        "--task-generator",
+        default=None,
+        metavar="MODULE:FUNCTION",
+        help="examples from this callable instead of kvpack's synthetic families: "
+        "fn(task=, length=, n=, seed=, model=) -> list of kvpack.eval.tasks.Example in the "
+        "model's token ids (see kvpack.eval.plugins)",
     )
     parser.add_argument("--length", type=int, default=1024, help="prompt tokens per example")
     parser.add_argument("--samples", type=int, default=20, help="examples per task family")
@@ -174,14 +190,23 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kvpack.client import KVPackClient, LocalKVPack
-    from kvpack.eval import report
+    from kvpack.eval import plugins, report
     from kvpack.eval.runner import MODES, EvalConfig, run_eval
-    from kvpack.eval.tasks import make_examples
 
     bad = [m for m in args.modes if m not in MODES]
-    unknown = [t for t in args.tasks if t not in FAMILIES]
-    if bad or unknown:
-        print(f"kvpack eval: unknown modes {bad} / tasks {unknown}", file=sys.stderr)
+    if bad:
+        print(f"kvpack eval: unknown modes {bad}; known: {list(MODES)}", file=sys.stderr)
+        return 2
+    generator = None
+    try:
+        if args.task_generator is not None:
+            generator = plugins.load_generator(args.task_generator)
+            tasks = args.tasks or plugins.default_tasks(generator, args.task_generator)
+        else:
+            tasks = args.tasks or list(FAMILIES)
+            plugins.builtin_examples(tasks, length=args.length, n=0, seed=args.seed)
+    except ValueError as e:
+        print(f"kvpack eval: {e}", file=sys.stderr)
         return 2
     missing = None if args.no_plots else plots_unavailable()
     if missing:
@@ -193,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         config = EvalConfig(
-            tasks=args.tasks, length=args.length, samples=args.samples, policies=args.policies,
+            tasks=tasks, length=args.length, samples=args.samples, policies=args.policies,
             ratios=args.ratios, quants=args.quant or [parse_quant(q) for q in DEFAULT_QUANTS],
             modes=args.modes, combo_policies=args.combo_policies, stats=args.stats, seed=args.seed,
         )  # fmt: skip
@@ -202,7 +227,19 @@ def run(args: argparse.Namespace) -> int:
         return 2
     start = time.monotonic()
     model = load_model(args.model, args.device, args.dtype)
-    examples = {t: make_examples(t, args.length, args.samples, args.seed) for t in args.tasks}
+    try:
+        if generator is None:
+            examples = plugins.builtin_examples(
+                tasks, length=args.length, n=args.samples, seed=args.seed
+            )
+        else:
+            examples = plugins.plugin_examples(
+                generator, args.task_generator, tasks, length=args.length, n=args.samples,
+                seed=args.seed, model=args.model, vocab_size=int(model.config.vocab_size),
+            )  # fmt: skip
+    except ValueError as e:
+        print(f"kvpack eval: {e}", file=sys.stderr)
+        return 2
     total = sum(len(v) for v in examples.values()) * len(config.points)
     client = LocalKVPack() if args.server is None else KVPackClient(args.server, token=args.token)
     with client, tqdm(total=total, unit="pt", disable=args.no_progress, file=sys.stderr) as bar:
@@ -211,7 +248,9 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix_str(task, refresh=False)
             bar.update()
 
-        results = run_eval(model, client, config, examples, progress)
+        results = run_eval(
+            model, client, config, examples, progress, task_vocabulary=generator is None
+        )
     wall = time.monotonic() - start
     rows = report.aggregate(results)
 
@@ -219,7 +258,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {
         "command": "kvpack " + " ".join(sys.argv[1:]),
         "model": args.model,
-        "tasks": args.tasks,
+        "tasks": tasks,
+        "task_generator": args.task_generator or "kvpack.eval.tasks",
         "length": args.length,
         "samples_per_task": args.samples,
         "stats": args.stats,

@@ -215,3 +215,50 @@ def test_dtype_loads_the_checkpoint_as_asked(tmp_path: Path) -> None:
     assert next(load_model(str(tmp_path), "cpu").parameters()).dtype == torch.float32
     assert next(load_model(str(tmp_path), "cpu", "auto").parameters()).dtype == torch.float16
     assert next(load_model(str(tmp_path), "cpu", "bfloat16").parameters()).dtype == torch.bfloat16
+
+
+def test_task_generator_plugin_runs_its_own_examples(tmp_path: Path) -> None:
+    """A plug-in's examples (its own prompts, its own split) are what the run answers: the
+    reference model solves its single needles uncompressed."""
+    argv = [
+        "eval", "--model", "reference", "--task-generator", "tests.eval.plugin_tasks:needles",
+        "--length", "256", "--samples", "4", "--policies", "kvcompose", "--ratios", "0.5",
+        "--modes", "evict", "--threads", "2", "--no-progress", "--no-plots", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert result["task_generator"] == "tests.eval.plugin_tasks:needles"
+    assert result["tasks"] == ["plugin_needle"]
+    rows = {(r["task"], r["mode"]): r for r in result["points"]}
+    assert set(rows) == {(t, m) for t in ("plugin_needle", "all") for m in ("baseline", "evict")}
+    baseline = rows["plugin_needle", "baseline"]
+    assert baseline["samples"] == 4 and baseline["accuracy"] == 1.0
+
+
+def test_split_is_the_examples_not_a_token() -> None:
+    from kvpack.eval.runner import split_example
+    from kvpack.eval.tasks import Example
+
+    ex = Example("mine", [10, 11, 12, 13, 14], [15, 16], context_len=3)  # no QUERY token at all
+    context, question, answer = split_example(ex, None, torch.device("cpu"))
+    assert context.tolist() == [[10, 11, 12]] and question.tolist() == [[13, 14]]
+    assert answer.tolist() == [[15, 16]]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--task-generator", "no_such_module_kv:fn"], "cannot import 'no_such_module_kv'"),
+        (["--task-generator", "tests.eval.plugin_tasks:missing"], "no callable 'missing'"),
+        (["--task-generator", "tests.eval.plugin_tasks"], "expected module:function"),
+        (["--task-generator", "tests.eval.plugin_tasks:wrong_ids"], "token id 600, outside"),
+        (["--task-generator", "tests.eval.plugin_tasks:needles", "--tasks", "x"], "unknown task"),
+        (["--tasks", "single_filler,nope"], "unknown tasks ['nope']"),
+    ],
+)
+def test_task_generator_errors_name_the_problem(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "--model", "reference", "--samples", "1", "--length", "64", "--no-plots"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path), *extra]) == 2
+    assert message in capsys.readouterr().err
