@@ -12,15 +12,17 @@ so both keep the same tokens and write the same bytes under the same key.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kvpack import codec
-from kvpack.codec import EncodedLayer
+from kvpack.codec import EncodedLayer, QuantSettings
 from kvpack.codec.selection import all_finite, layer_shares
+from kvpack.engine import budget as budget_mode
 from kvpack.engine.entries import Stored, entry_settings
 from kvpack.engine.keys import CONTENT_KEY_PREFIX
 from kvpack.engine.request import Allocation, CompressRequest, StatsKind
@@ -54,7 +56,14 @@ class Compression:
     """The pipeline state of one request (see the module docstring).
 
     ``timings``: stage -> seconds over the whole call (per-layer stages once :meth:`record`
-    has seen the layer).
+    has seen the layer). ``quant``: the settings layers are encoded with (budget mode: the
+    plan's, once layer 0 has arrived).
+
+    Budget mode (``request.target``): :meth:`start` keeps the statistics; layer 0's
+    :meth:`layer` makes the plan (``engine.budget``: trial encodings of layer 0, ratio, bounds,
+    block, then the selection of every layer) while later layers wait for it; every layer's
+    composite cache is held until :meth:`store` has checked the container against the budget
+    (re-encoding it coarser, then evicting further, when it is over).
     """
 
     def __init__(self, request: CompressRequest) -> None:
@@ -66,6 +75,15 @@ class Compression:
         self._scores: torch.Tensor | None = None  # PER_LAYER: [L, B, H, n]
         self._queries: torch.Tensor | None = None  # PER_LAYER: [L, B, Hq, W, d]
         self._shares: list[int] = []  # PER_LAYER: token slots per layer
+        self.quant: QuantSettings = request.quant
+        # Budget mode: the plan (made by layer 0; later layers wait on it) and what it chose.
+        self._planned = threading.Event()
+        self._plan_failed = False
+        self._budget_scores: torch.Tensor | None = None  # SCORES [L, B, H, n] as sent
+        self._held: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # composite K/V
+        self.choice: pb.BudgetChoice | None = None
+        self._damage: Callable[[float], float] | None = None
+        self._ratio: float | None = None  # budget mode: the eviction ratio chosen
 
     def start(self, kind: StatsKind | None = None, stats: torch.Tensor | None = None) -> None:
         """Fix the allocation, once, before layer 0: ``stats`` is the statistics tensor the
@@ -83,6 +101,9 @@ class Compression:
             self._statistics = {"kind": kind, "shape": list(stats.shape)}
         else:
             stats = None  # statistics are optional for this policy and unused
+        if r.target is not None:  # selected by the plan, at layer 0
+            self._budget_scores = stats
+            return
         if self.allocation is Allocation.PER_LAYER:
             assert r.budget is not None
             self._shares = layer_shares(pol, r.budget)
@@ -109,6 +130,8 @@ class Compression:
         ``k``, ``v`` ``[B, Hkv, n, d]``. Thread-safe."""
         r = self.request
         t: dict[str, float] = {}
+        if r.target is not None:
+            self._await_plan(layer, k, v, t)
         idx = self._select(layer, k, v, t)
         start = time.perf_counter()
         if self.allocation is Allocation.NONE:
@@ -126,13 +149,224 @@ class Compression:
             start = time.perf_counter()
             kept = None if self.allocation is Allocation.NONE else idx
             try:
-                encoded = codec.encode_layer(ck, cv, kept, r.quant)
+                encoded = codec.encode_layer(ck, cv, kept, self.quant)
             except ValueError as e:
                 raise InvalidArgument(f"encode (layer {layer}): {e}") from e
             _timed(t, "encode", start)
+            if r.target is not None:
+                self._held[layer] = (ck, cv)
         return LayerResult(
             layer, ck, cv, idx, encoded, _nbytes(k) + _nbytes(v), _nbytes(ck) + _nbytes(cv), t
         )
+
+    # -- budget mode -----------------------------------------------------------------------------
+
+    def _await_plan(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, t: dict[str, float]
+    ) -> None:
+        """Layer 0 makes the plan; later layers wait for it (layers are queued in order, so
+        layer 0 is running or done when another layer waits)."""
+        if layer == 0:
+            start = time.perf_counter()
+            try:
+                self._plan(k, v)
+            except BaseException:
+                self._plan_failed = True
+                raise
+            finally:
+                self._planned.set()
+                _timed(t, "plan", start)
+            return
+        self._planned.wait()
+        if self._plan_failed:
+            raise InvalidArgument(f"layer {layer}: the budget plan failed at layer 0")
+
+    def _plan(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Choose ratio, bounds and block from layer 0's K/V and the statistics (see
+        ``engine.budget``), then select every layer at that ratio."""
+        r = self.request
+        target = r.target
+        assert target is not None
+        lay = r.layout
+        _require_finite(0, k, v)  # lossy and fixed only: the trial encodes layer 0 first
+        meta = r.container_meta(0.5)
+        models = [budget_mode.trial_model(k, v, s, lay.num_layers, meta) for s in r.candidates]
+        evicts = r.selector is not None
+        self._damage = damage = budget_mode.eviction_damage(self._budget_scores, lay.num_kv_heads)
+        most = target.max_ratio if evicts else 0.0
+        choice = budget_mode.choose(
+            models, target.budget_bytes, lay.num_layers, lay.seq_len, most, evicts, damage
+        )
+        if choice is None:  # predicted over budget everywhere: the smallest; store() decides
+            model = budget_mode.coarsest(models)
+            ratio = most
+        else:
+            model, ratio = choice.model, choice.ratio
+        self.quant = model.settings
+        if evicts:
+            self._ratio = self._settle(model, ratio, most)
+        else:
+            self._ratio = ratio
+
+    def _settle(self, model: budget_mode.SizeModel, ratio: float, most: float) -> float:
+        """The ratio whose real selection (the policy's own per-layer split: each layer's
+        full-precision tail depends on it) is predicted within the goal, searched from the
+        search's ratio by a few secant steps; the least eviction that fits, else the most."""
+        target = self.request.target
+        assert target is not None
+        goal = target.budget_bytes * (1 - budget_mode.MARGIN)
+        tried: dict[float, float] = {}
+        for _ in range(budget_mode.SETTLE_STEPS):
+            self._select_all(ratio)
+            assert self._indices is not None
+            predicted = model.total([int(i.shape[-1]) for i in self._indices])
+            tried[ratio] = predicted
+            fixed = model.fixed
+            nxt = 1 - (1 - ratio) * (goal - fixed) / max(1.0, predicted - fixed)
+            nxt = min(most, max(0.0, nxt))
+            if nxt in tried or abs(nxt - ratio) < 1e-4:
+                break
+            ratio = nxt
+        fits = [r for r, p in tried.items() if p <= goal]
+        best = min(fits) if fits else max(tried)
+        if best != ratio:
+            self._select_all(best)
+        return best
+
+    def _select_all(self, ratio: float) -> None:
+        """The GLOBAL selection of every layer at ``ratio`` (budget mode)."""
+        r, lay = self.request, self.request.layout
+        shape = (lay.num_layers, lay.batch_size, lay.num_kv_heads, lay.seq_len)
+        scores = self._budget_scores
+        try:
+            self._indices = codec.select(
+                scores, policy=r.policy, num_kv_heads=lay.num_kv_heads, shape=shape,
+                ratio=ratio, **r.settings,
+            )  # fmt: skip
+        except ValueError as e:
+            raise InvalidArgument(f"select: {e}") from e
+
+    def _fit(self, results: Sequence[LayerResult]) -> bytes:
+        """Budget mode's final check: the container of ``results``, re-encoded with coarser
+        settings, then with fewer tokens per layer (each head keeps its best-scored composite
+        tokens), until it is within the budget. InvalidArgument naming the smallest size
+        reached when nothing fits. Updates ``results`` and :attr:`quant` to what is stored."""
+        r = self.request
+        target = r.target
+        assert target is not None
+        budget = target.budget_bytes
+        blob = self._assemble(results)
+        encodes = 1
+        lay = r.layout
+        floor_slots = max(
+            lay.num_layers * r.fewest_tokens,
+            int(lay.num_layers * lay.seq_len * (1 - target.max_ratio)),
+        )
+        while len(blob) > budget and encodes < budget_mode.MAX_ENCODES:
+            coarser = self._coarser()
+            if coarser is not None:
+                self.quant = coarser
+            else:
+                slots = sum(int(x.indices.shape[-1]) for x in results)
+                if r.selector is None or slots <= floor_slots:
+                    break
+                fixed = len(blob) - sum(x.encoded.nbytes for x in results if x.encoded)
+                scale = (budget * (1 - budget_mode.MARGIN) - fixed) / max(1, len(blob) - fixed)
+                scale = min(0.95, max(scale, floor_slots / slots, 0.05))
+                self._shrink(results, scale)
+            self._reencode(results)
+            blob = self._assemble(results)
+            encodes += 1
+        if len(blob) > budget:
+            kept = sum(int(x.indices.shape[-1]) for x in results)
+            raise InvalidArgument(
+                f"the budget of {budget_mode.describe(budget, target.fp16_bytes)} is below "
+                f"the smallest container reached for this cache: "
+                f"{budget_mode.describe(len(blob), target.fp16_bytes)} keeping {kept} token "
+                f"slots with error bounds K{self.quant.k_error_bound}/V"
+                f"{self.quant.v_error_bound} (max_ratio {target.max_ratio:g})"
+            )
+        ratio = (
+            1.0 - sum(int((x.indices >= 0).sum()) for x in results) / r.layout.entries
+            if r.selector is not None
+            else 0.0
+        )
+        q = self.quant
+        assert self._damage is not None
+        self.choice = pb.BudgetChoice(
+            budget_bytes=budget,
+            stored_bytes=len(blob),
+            fp16_bytes=target.fp16_bytes,
+            token_ratio=ratio,
+            k_error_bound=q.k_error_bound,
+            v_error_bound=q.v_error_bound,
+            block_tokens=q.block_tokens,
+            estimated_damage=budget_mode.total_damage(ratio, q, self._damage),
+            encodes=encodes,
+        )
+        self._ratio = ratio
+        return blob
+
+    def _coarser(self) -> QuantSettings | None:
+        """The candidate predicted next smaller than the current settings (None: none is)."""
+        r = self.request
+        current = (self.quant.k_error_bound, self.quant.v_error_bound)
+        options = [
+            c
+            for c in r.candidates
+            if c.block_tokens == self.quant.block_tokens
+            and c.k_error_bound >= current[0]
+            and c.v_error_bound >= current[1]
+            and (c.k_error_bound, c.v_error_bound) != current
+        ]
+        return min(options, key=lambda c: (c.k_error_bound, c.v_error_bound), default=None)
+
+    def _shrink(self, results: Sequence[LayerResult], scale: float) -> None:
+        """Keep ``scale`` of every layer's composite tokens (each head its best-scored)."""
+        lay = self.request.layout
+        scores = self._budget_scores
+        if scores is not None and scores.shape[2] != lay.num_kv_heads:
+            g = scores.shape[2] // lay.num_kv_heads
+            scores = scores.reshape(
+                lay.num_layers, lay.batch_size, lay.num_kv_heads, g, lay.seq_len
+            ).mean(dim=3)
+        for x in results:
+            ck, cv = self._held[x.layer]
+            b = int(x.indices.shape[-1])
+            keep = max(self.request.fewest_tokens, int(b * scale))
+            layer_scores = None if scores is None else scores[x.layer]
+            slots = budget_mode.shrink_indices(x.indices, keep, layer_scores)
+            x.indices = x.indices.gather(-1, slots)
+            expand = slots.unsqueeze(-1)
+            ck = ck.gather(2, expand.expand(*slots.shape, ck.shape[-1]))
+            cv = cv.gather(2, expand.expand(*slots.shape, cv.shape[-1]))
+            self._held[x.layer] = (ck, cv)
+            x.kept_bytes = _nbytes(ck) + _nbytes(cv)
+
+    def _reencode(self, results: Sequence[LayerResult]) -> None:
+        start = time.perf_counter()
+        for x in results:
+            ck, cv = self._held[x.layer]
+            kept = None if self.allocation is Allocation.NONE else x.indices
+            try:
+                x.encoded = codec.encode_layer(ck, cv, kept, self.quant)
+            except ValueError as e:
+                raise InvalidArgument(f"encode (layer {x.layer}): {e}") from e
+        _timed(self.timings, "encode", start)
+
+    def _assemble(self, results: Sequence[LayerResult]) -> bytes:
+        r = self.request
+        encoded = [x.encoded for x in results]
+        assert all(e is not None for e in encoded), "store() needs a request with store=True"
+        return codec.assemble(
+            encoded,  # type: ignore[arg-type]
+            self.quant,
+            dtype=r.layout.dtype,
+            meta=r.container_meta(self._ratio),
+            seq_len=r.layout.seq_len,
+        )
+
+    # -- selection ---------------------------------------------------------------------------------
 
     def _select(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, t: dict[str, float]
@@ -171,17 +405,13 @@ class Compression:
         else its content key when token ids were given, else the container's sha256) and the
         entry's settings."""
         r = self.request
-        meta = r.container_meta()
         start = time.perf_counter()
-        encoded = [x.encoded for x in results]
-        assert all(e is not None for e in encoded), "store() needs a request with store=True"
-        blob = codec.assemble(
-            encoded,  # type: ignore[arg-type]
-            r.quant,
-            dtype=r.layout.dtype,
-            meta=meta,
-            seq_len=r.layout.seq_len,
-        )
+        if r.target is not None:
+            blob = self._fit(results)
+            meta = r.container_meta(self._ratio)
+        else:
+            blob = self._assemble(results)
+            meta = r.container_meta()
         _timed(self.timings, "encode", start)
         digest = ""
         if r.key:
@@ -191,7 +421,7 @@ class Compression:
         else:  # the blob's content key (engine.keys.blob_key), digest kept for the store
             digest = hashlib.sha256(blob).hexdigest()
             key = CONTENT_KEY_PREFIX + digest
-        return Stored(key, blob, entry_settings(r.quant, meta), digest)
+        return Stored(key, blob, entry_settings(self.quant, meta), digest)
 
     def summary(
         self, results: Sequence[LayerResult], stored: Stored | None = None
@@ -220,12 +450,15 @@ class Compression:
             summary.key = stored.key
             summary.stored_bytes = len(stored.blob)
             summary.compression_ratio = input_bytes / max(1, len(stored.blob))
+        if self.choice is not None:
+            summary.budget.CopyFrom(self.choice)
         summary.timings_seconds.update(self.timings)
         return summary
 
     def release(self) -> None:
         """Drop the statistics and selections held (a cancelled call frees them at once)."""
-        self._indices = self._scores = self._queries = None
+        self._indices = self._scores = self._queries = self._budget_scores = None
+        self._held.clear()
 
 
 @dataclass

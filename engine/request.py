@@ -22,6 +22,7 @@ from kvpack import wire
 from kvpack.codec import MAX_META_CHARS, POLICIES, Policy, QuantSettings, policy_for_layout
 from kvpack.codec.budgets import Budget
 from kvpack.codec.policy_settings import shown
+from kvpack.engine import budget as budget_mode
 from kvpack.engine import schema
 from kvpack.engine.keys import content_key, validate_key
 from kvpack.errors import InvalidArgument
@@ -131,6 +132,11 @@ class RequestOptions(TypedDict, total=False):
     [True]; key: its store key [a content key]; model, token_ids: the model fingerprint and the
     tokens the cache was computed from, for a content key that finds the same entry from any
     process. return_cache: return the composite K/V and kept indices [True].
+
+    Budget mode (instead of ratio / n_keep): target_ratio (the stored container at least this
+    many times smaller than the cache in fp16) and/or target_bytes (at most this many bytes);
+    kvpack chooses the ratio, error bounds and block (``kvpack.engine.budget``). Quality floor:
+    max_ratio (the most eviction it may choose), max_error_bound (the coarsest bound).
     """
 
     policy: str
@@ -143,6 +149,14 @@ class RequestOptions(TypedDict, total=False):
     model: str | None
     token_ids: Sequence[int] | torch.Tensor | None
     return_cache: bool
+    target_ratio: float | None
+    target_bytes: int | None
+    max_ratio: float | None
+    max_error_bound: float | None
+
+
+#: The budget-mode fields of a request (header fields and ``compress`` arguments).
+BUDGET_FIELDS = ("target_ratio", "target_bytes", "max_ratio", "max_error_bound")
 
 
 class Allocation(enum.Enum):
@@ -169,7 +183,7 @@ def compress_header(layout: Layout, options: RequestOptions) -> pb.CompressHeade
         model=options.get("model") or "",
         token_ids=list(token_ids or []),
     )
-    for name in ("ratio", "n_keep"):
+    for name in ("ratio", "n_keep", *BUDGET_FIELDS):
         value = options.get(name)
         if value is not None:
             setattr(header, name, value)
@@ -187,7 +201,10 @@ class CompressRequest:
 
     ``settings``: the policy settings as sent (strings, ``codec.select``'s keyword arguments);
     ``selector``: the policy parsed from them (None for "none"); ``budget``: None for "none";
-    ``quant``: checked against the layout when the cache is stored.
+    ``quant``: checked against the layout when the cache is stored. Budget mode: ``target``
+    is the budget, ``candidates`` the settings it chooses among (``quant`` is their base, with
+    the codec's default bounds) and ``fewest_tokens`` the fewest tokens a layer keeps; ``budget``
+    is None (the plan chooses the ratio).
     """
 
     layout: Layout
@@ -201,6 +218,9 @@ class CompressRequest:
     key: str
     model: str
     token_ids: tuple[int, ...]
+    target: budget_mode.Target | None = None
+    candidates: tuple[QuantSettings, ...] = ()
+    fewest_tokens: int = 1
 
     @classmethod
     def from_header(
@@ -220,6 +240,11 @@ class CompressRequest:
             key=h.key,
             model=h.model,
             token_ids=tuple(h.token_ids),
+            quant_given=frozenset(f.name for f, _ in h.quant.ListFields()),
+            target_ratio=h.target_ratio if h.HasField("target_ratio") else None,
+            target_bytes=h.target_bytes if h.HasField("target_bytes") else None,
+            max_ratio=h.max_ratio if h.HasField("max_ratio") else None,
+            max_error_bound=h.max_error_bound if h.HasField("max_error_bound") else None,
         )
 
     @classmethod
@@ -240,6 +265,11 @@ class CompressRequest:
             key=options.get("key") or "",
             model=options.get("model") or "",
             token_ids=tuple(token_ids or ()),
+            quant_given=_quant_given(options.get("quant")),
+            target_ratio=options.get("target_ratio"),
+            target_bytes=options.get("target_bytes"),
+            max_ratio=options.get("max_ratio"),
+            max_error_bound=options.get("max_error_bound"),
         )
 
     @classmethod
@@ -257,10 +287,30 @@ class CompressRequest:
         key: str,
         model: str,
         token_ids: tuple[int, ...],
+        quant_given: frozenset[str] = frozenset(),
+        target_ratio: float | None = None,
+        target_bytes: int | None = None,
+        max_ratio: float | None = None,
+        max_error_bound: float | None = None,
     ) -> CompressRequest:
         """Every check of a request, in order: policy and budget, policy settings against the
         layout, key, model and token ids, quantisation settings (against the layout when the
-        cache is stored). InvalidArgument naming the first problem."""
+        cache is stored), then a byte budget against the smallest size the layout allows.
+        InvalidArgument naming the first problem. ``quant_given``: the quant fields the caller
+        set (budget mode refuses error bounds and defaults the windows to 0)."""
+        if target_ratio is not None or target_bytes is not None:
+            return cls._create_budget(
+                layout, policy=policy, ratio=ratio, n_keep=n_keep, settings=settings,
+                quant=quant, store=store, return_cache=return_cache, key=key, model=model,
+                token_ids=token_ids, quant_given=quant_given, target_ratio=target_ratio,
+                target_bytes=target_bytes, max_ratio=max_ratio, max_error_bound=max_error_bound,
+            )  # fmt: skip
+        for name, value in (("max_ratio", max_ratio), ("max_error_bound", max_error_bound)):
+            if value is not None:
+                raise InvalidArgument(
+                    f"{name} is a quality floor of budget mode: give it with target_ratio or "
+                    "target_bytes"
+                )
         selector, budget = None, None
         if policy == "none":
             if ratio is not None or n_keep is not None or settings:
@@ -292,6 +342,116 @@ class CompressRequest:
             key, model, token_ids,
         )  # fmt: skip
 
+    @classmethod
+    def _create_budget(
+        cls,
+        layout: Layout,
+        *,
+        policy: str,
+        ratio: float | None,
+        n_keep: int | None,
+        settings: Mapping[str, str],
+        quant: Any,
+        store: bool,
+        return_cache: bool,
+        key: str,
+        model: str,
+        token_ids: tuple[int, ...],
+        quant_given: frozenset[str],
+        target_ratio: float | None,
+        target_bytes: int | None,
+        max_ratio: float | None,
+        max_error_bound: float | None,
+    ) -> CompressRequest:
+        """:meth:`create` of a budget-mode request (see :class:`RequestOptions`)."""
+        if ratio is not None or n_keep is not None:
+            raise InvalidArgument(
+                "ratio and n_keep cannot be combined with target_ratio / target_bytes: budget "
+                "mode chooses the eviction ratio (cap it with max_ratio)"
+            )
+        if not store:
+            raise InvalidArgument(
+                "target_ratio / target_bytes budget the stored container: they need store"
+            )
+        for name in ("k_error_bound", "v_error_bound"):
+            if name in quant_given:
+                raise InvalidArgument(
+                    f"quant.{name} cannot be combined with target_ratio / target_bytes: budget "
+                    "mode chooses the error bounds (cap them with max_error_bound)"
+                )
+        n, layers = layout.seq_len, layout.num_layers
+        selector = None
+        fewest = n
+        if policy != "none":
+            if policy not in POLICIES:
+                raise InvalidArgument(
+                    f"unknown policy {shown(policy)} (known: {', '.join(POLICY_NAMES)})"
+                )
+            try:
+                selector = policy_for_layout(policy, settings, Budget(layers, n, ratio=0.0))
+            except ValueError as e:
+                raise InvalidArgument(f"policy {policy}: {e}") from e
+            floor = getattr(selector.settings, "keep_token_lower_bound", 0)
+            fewest = min(n, max(1, int(floor)))
+        elif settings:
+            raise InvalidArgument('policy "none" takes no policy_settings')
+        if key:
+            validate_key(key)
+        _check_model(model, token_ids, layout)
+        base = schema.quant_settings(quant)
+        if base.mode == "lossless":
+            raise InvalidArgument(
+                "quant.mode 'lossless' has no error bounds to choose: target_ratio / "
+                "target_bytes need mode 'lossy' or 'fixed'"
+            )
+        # Full-precision windows serve fused decode kernels, not storage: 0 unless asked.
+        base = dataclasses.replace(
+            base,
+            k_window=base.k_window if "k_window" in quant_given else 0,
+            v_window=base.v_window if "v_window" in quant_given else 0,
+        )
+        block_set = "block_tokens" in quant_given
+        blocks = [b for b in budget_mode.blocks_of(base, block_set) if b <= n] or [n]
+        target = budget_mode.make_target(
+            fp16=budget_mode.fp16_bytes(
+                layers, layout.batch_size, layout.num_kv_heads, n, layout.head_dim
+            ),
+            target_ratio=target_ratio,
+            target_bytes=target_bytes,
+            max_ratio=max_ratio,
+            max_error_bound=max_error_bound,
+            most_ratio=1 - fewest / n,
+        )
+        candidates, refused = [], ""
+        for bounds in budget_mode.ladder(target.max_error_bound):
+            for block in blocks:
+                cand = budget_mode.settings_for(base, bounds, block)
+                try:
+                    cand.validate_for_layout(num_layers=layers, seq_len=n)
+                except ValueError as e:
+                    refused = str(e)
+                    continue
+                candidates.append(cand)
+        if not candidates:
+            raise InvalidArgument(f"quant settings: no budget-mode setting fits: {refused}")
+        # The fewest tokens any layer keeps under the floor: a lower bound of the container.
+        least = max(fewest, math.ceil(n * (1 - target.max_ratio)) if selector else n)
+        meta = {"policy": policy, **({"model": model} if model else {})}
+        smallest = budget_mode.lower_bound(
+            (layers, layout.batch_size, layout.num_kv_heads, n, layout.head_dim),
+            layout.dtype, base, candidates, least, meta,
+        )  # fmt: skip
+        if target.budget_bytes < smallest:
+            raise InvalidArgument(
+                f"the budget of {budget_mode.describe(target.budget_bytes, target.fp16_bytes)}"
+                f" is below the smallest container any setting reaches for this layout: "
+                f"{budget_mode.describe(smallest, target.fp16_bytes)} at least"
+            )
+        return cls(
+            layout, policy, dict(settings), selector, None, base, store, return_cache, key,
+            model, token_ids, target, tuple(candidates), fewest,
+        )  # fmt: skip
+
     def allocation(self, stats: StatsKind | None) -> Allocation:
         """How this request selects, given the statistics sent (None: none were).
 
@@ -312,6 +472,12 @@ class CompressRequest:
                 "WINDOW_QUERIES tensor) before layer 0's KEYS"
             )
         if pol.needs_keys or pol.needs_values or stats == "window_queries":
+            if self.target is not None:
+                raise InvalidArgument(
+                    f"target_ratio / target_bytes need a policy that selects every layer at "
+                    f"once: {self.policy!r} reads each layer's keys or values, or the "
+                    "statistics are WINDOW_QUERIES (send SCORES)"
+                )
             return Allocation.PER_LAYER
         return Allocation.GLOBAL
 
@@ -321,10 +487,15 @@ class CompressRequest:
         b = self.budget
         return {"ratio": b.ratio} if b.ratio is not None else {"n_keep": b.n_keep}
 
-    def container_meta(self) -> dict[str, str]:
-        """The container's meta: policy, model and budget."""
+    def container_meta(self, ratio: float | None = None) -> dict[str, str]:
+        """The container's meta: policy, model and budget (budget mode: the ``ratio`` it chose
+        and what was asked, e.g. ``target_ratio``)."""
         meta = {"policy": self.policy, **({"model": self.model} if self.model else {})}
-        if self.budget is not None:
+        if self.target is not None:
+            if ratio is not None and self.selector is not None:
+                meta["ratio"] = repr(ratio)
+            meta.update({k: repr(v) for k, v in self.target.key_fields().items()})
+        elif self.budget is not None:
             name, value = next(iter(self.budget_kwargs().items()))
             meta[name] = repr(value) if name == "ratio" else str(value)
         return meta
@@ -335,6 +506,9 @@ class CompressRequest:
         policy: dict[str, object] = {"policy": self.policy, "settings": {}}
         if self.selector is not None:
             policy["settings"] = dataclasses.asdict(self.selector.settings)
+        if self.target is not None:  # the choice follows from what was asked
+            policy.update(self.target.key_fields())
+        elif self.selector is not None:
             policy.update(self.budget_kwargs())
         if statistics is not None:
             policy["statistics"] = dict(statistics)
@@ -363,3 +537,17 @@ def _check_model(model: str, token_ids: Sequence[int], layout: Layout) -> None:
     bad = next((t for t in token_ids if not (isinstance(t, int) and 0 <= t <= MAX_TOKEN_ID)), None)
     if bad is not None:
         raise InvalidArgument(f"token id {shown(bad)} is not an integer in [0, 2^32)")
+
+
+def _quant_given(quant: object) -> frozenset[str]:
+    """The quant fields a ``compress`` caller set: a message's present fields, a mapping's
+    non-None keys, every field of a ``QuantSettings``."""
+    if quant is None:
+        return frozenset()
+    if isinstance(quant, pb.QuantSettings):
+        return frozenset(f.name for f, _ in quant.ListFields())
+    if isinstance(quant, QuantSettings):
+        return frozenset(schema.QUANT_FIELDS)
+    if isinstance(quant, Mapping):
+        return frozenset(str(k) for k, v in quant.items() if v is not None)
+    return frozenset()

@@ -228,6 +228,10 @@ class CompressHeader(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TARGET_RATIO_FIELD_NUMBER: _builtins.int
+    TARGET_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_RATIO_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_BOUND_FIELD_NUMBER: _builtins.int
     policy: _builtins.str
     """Registry name: kvcompose, kvcompose_unstructured, kvcompose_uniform, streaming, snapkv,
     tova, pyramidkv, knorm, random, or "none" (no eviction).
@@ -245,6 +249,22 @@ class CompressHeader(_message.Message):
     """Store key: either caller-chosen (key) or content-addressed from model + token ids."""
     model: _builtins.str
     """model fingerprint for content keys (e.g. name@revision)"""
+    target_ratio: _builtins.float
+    """Byte budget of the stored container (budget mode): kvpack chooses the eviction ratio and the
+    K/V error bounds that minimise its damage estimate within the budget (docs/ALGORITHMS.md,
+    "Budget mode"), and never stores more. target_ratio: the container at least this many times
+    smaller than the cache in fp16 (> 1); target_bytes: at most this many bytes; both given: the
+    smaller budget. Excludes ratio and n_keep (kvpack chooses the ratio) and quant's error bounds
+    (kvpack chooses them); needs store and a lossy or fixed quant mode. A budget below the
+    smallest size any setting reaches is INVALID_ARGUMENT naming that size.
+    """
+    target_bytes: _builtins.int
+    max_ratio: _builtins.float
+    """Quality floor of budget mode: at most this fraction of KV entries evicted (0 <= x < 1) and
+    error bounds at most this (fraction of a group's range). A budget the floor cannot meet is
+    INVALID_ARGUMENT. Only with target_ratio or target_bytes.
+    """
+    max_error_bound: _builtins.float
     @_builtins.property
     def layout(self) -> Global___Layout: ...
     @_builtins.property
@@ -269,19 +289,39 @@ class CompressHeader(_message.Message):
         key: _builtins.str = ...,
         model: _builtins.str = ...,
         token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        target_ratio: _builtins.float | None = ...,
+        target_bytes: _builtins.int | None = ...,
+        max_ratio: _builtins.float | None = ...,
+        max_error_bound: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_n_keep", b"_n_keep", "_ratio", b"_ratio", "layout", b"layout", "n_keep", b"n_keep", "quant", b"quant", "ratio", b"ratio"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_bound", b"_max_error_bound", "_max_ratio", b"_max_ratio", "_n_keep", b"_n_keep", "_ratio", b"_ratio", "_target_bytes", b"_target_bytes", "_target_ratio", b"_target_ratio", "layout", b"layout", "max_error_bound", b"max_error_bound", "max_ratio", b"max_ratio", "n_keep", b"n_keep", "quant", b"quant", "ratio", b"ratio", "target_bytes", b"target_bytes", "target_ratio", b"target_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_n_keep", b"_n_keep", "_ratio", b"_ratio", "key", b"key", "layout", b"layout", "model", b"model", "n_keep", b"n_keep", "policy", b"policy", "policy_settings", b"policy_settings", "quant", b"quant", "ratio", b"ratio", "return_cache", b"return_cache", "store", b"store", "token_ids", b"token_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_bound", b"_max_error_bound", "_max_ratio", b"_max_ratio", "_n_keep", b"_n_keep", "_ratio", b"_ratio", "_target_bytes", b"_target_bytes", "_target_ratio", b"_target_ratio", "key", b"key", "layout", b"layout", "max_error_bound", b"max_error_bound", "max_ratio", b"max_ratio", "model", b"model", "n_keep", b"n_keep", "policy", b"policy", "policy_settings", b"policy_settings", "quant", b"quant", "ratio", b"ratio", "return_cache", b"return_cache", "store", b"store", "target_bytes", b"target_bytes", "target_ratio", b"target_ratio", "token_ids", b"token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_error_bound: _TypeAlias = _typing.Literal["max_error_bound"]  # noqa: Y015
+    _WhichOneofArgType__max_error_bound: _TypeAlias = _typing.Literal["_max_error_bound", b"_max_error_bound"]  # noqa: Y015
+    _WhichOneofReturnType__max_ratio: _TypeAlias = _typing.Literal["max_ratio"]  # noqa: Y015
+    _WhichOneofArgType__max_ratio: _TypeAlias = _typing.Literal["_max_ratio", b"_max_ratio"]  # noqa: Y015
     _WhichOneofReturnType__n_keep: _TypeAlias = _typing.Literal["n_keep"]  # noqa: Y015
     _WhichOneofArgType__n_keep: _TypeAlias = _typing.Literal["_n_keep", b"_n_keep"]  # noqa: Y015
     _WhichOneofReturnType__ratio: _TypeAlias = _typing.Literal["ratio"]  # noqa: Y015
     _WhichOneofArgType__ratio: _TypeAlias = _typing.Literal["_ratio", b"_ratio"]  # noqa: Y015
+    _WhichOneofReturnType__target_bytes: _TypeAlias = _typing.Literal["target_bytes"]  # noqa: Y015
+    _WhichOneofArgType__target_bytes: _TypeAlias = _typing.Literal["_target_bytes", b"_target_bytes"]  # noqa: Y015
+    _WhichOneofReturnType__target_ratio: _TypeAlias = _typing.Literal["target_ratio"]  # noqa: Y015
+    _WhichOneofArgType__target_ratio: _TypeAlias = _typing.Literal["_target_ratio", b"_target_ratio"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_bound) -> _WhichOneofReturnType__max_error_bound | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_ratio) -> _WhichOneofReturnType__max_ratio | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__n_keep) -> _WhichOneofReturnType__n_keep | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__ratio) -> _WhichOneofReturnType__ratio | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_bytes) -> _WhichOneofReturnType__target_bytes | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__target_ratio) -> _WhichOneofReturnType__target_ratio | None: ...
 
 Global___CompressHeader: _TypeAlias = CompressHeader  # noqa: Y015
 
@@ -471,6 +511,7 @@ class CompressSummary(_message.Message):
     TOKEN_RATIO_FIELD_NUMBER: _builtins.int
     COMPRESSION_RATIO_FIELD_NUMBER: _builtins.int
     TIMINGS_SECONDS_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """store key (empty when store is false)"""
     input_bytes: _builtins.int
@@ -489,6 +530,10 @@ class CompressSummary(_message.Message):
     def timings_seconds(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """stage -> seconds (stats, select, encode, ...)"""
 
+    @_builtins.property
+    def budget(self) -> Global___BudgetChoice:
+        """what budget mode chose (unset without a budget)"""
+
     def __init__(
         self,
         *,
@@ -500,14 +545,68 @@ class CompressSummary(_message.Message):
         token_ratio: _builtins.float = ...,
         compression_ratio: _builtins.float = ...,
         timings_seconds: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        budget: Global___BudgetChoice | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression_ratio", b"compression_ratio", "input_bytes", b"input_bytes", "kept_bytes", b"kept_bytes", "key", b"key", "layers", b"layers", "stored_bytes", b"stored_bytes", "timings_seconds", b"timings_seconds", "token_ratio", b"token_ratio"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "compression_ratio", b"compression_ratio", "input_bytes", b"input_bytes", "kept_bytes", b"kept_bytes", "key", b"key", "layers", b"layers", "stored_bytes", b"stored_bytes", "timings_seconds", b"timings_seconds", "token_ratio", b"token_ratio"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompressSummary: _TypeAlias = CompressSummary  # noqa: Y015
+
+@_typing.final
+class BudgetChoice(_message.Message):
+    """Budget mode's choice for one Compress (CompressHeader.target_ratio / target_bytes)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_BYTES_FIELD_NUMBER: _builtins.int
+    STORED_BYTES_FIELD_NUMBER: _builtins.int
+    FP16_BYTES_FIELD_NUMBER: _builtins.int
+    TOKEN_RATIO_FIELD_NUMBER: _builtins.int
+    K_ERROR_BOUND_FIELD_NUMBER: _builtins.int
+    V_ERROR_BOUND_FIELD_NUMBER: _builtins.int
+    BLOCK_TOKENS_FIELD_NUMBER: _builtins.int
+    ESTIMATED_DAMAGE_FIELD_NUMBER: _builtins.int
+    ENCODES_FIELD_NUMBER: _builtins.int
+    budget_bytes: _builtins.int
+    """the budget: stored_bytes never exceeds it"""
+    stored_bytes: _builtins.int
+    """container bytes stored"""
+    fp16_bytes: _builtins.int
+    """the cache's K+V bytes in fp16 (target_ratio's reference)"""
+    token_ratio: _builtins.float
+    """chosen eviction ratio (fraction of KV entries removed)"""
+    k_error_bound: _builtins.float
+    """chosen error bounds"""
+    v_error_bound: _builtins.float
+    block_tokens: _builtins.int
+    """chosen quantisation block"""
+    estimated_damage: _builtins.float
+    """the damage estimate of the choice (docs/ALGORITHMS.md)"""
+    encodes: _builtins.int
+    """whole-cache encodings needed (1 unless the final check re-encoded)"""
+    def __init__(
+        self,
+        *,
+        budget_bytes: _builtins.int = ...,
+        stored_bytes: _builtins.int = ...,
+        fp16_bytes: _builtins.int = ...,
+        token_ratio: _builtins.float = ...,
+        k_error_bound: _builtins.float = ...,
+        v_error_bound: _builtins.float = ...,
+        block_tokens: _builtins.int = ...,
+        estimated_damage: _builtins.float = ...,
+        encodes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block_tokens", b"block_tokens", "budget_bytes", b"budget_bytes", "encodes", b"encodes", "estimated_damage", b"estimated_damage", "fp16_bytes", b"fp16_bytes", "k_error_bound", b"k_error_bound", "stored_bytes", b"stored_bytes", "token_ratio", b"token_ratio", "v_error_bound", b"v_error_bound"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BudgetChoice: _TypeAlias = BudgetChoice  # noqa: Y015
 
 @_typing.final
 class CompressResponse(_message.Message):
