@@ -46,7 +46,7 @@ def _blocks(e: LayerEntry, kind: str, sections: Sections) -> list[Block]:
 
 def _check_entry(view: memoryview, header: ContainerHeader, e: LayerEntry) -> None:
     """Checksums and structure of every section of one layer (no tensor decoding)."""
-    s = header.settings
+    s = e.settings
     sections = _sections(view, header, e)
     size = itemsize(header.dtype)
     for kind, shape, book in (("k", e.k_shape, e.k_codebook), ("v", e.v_shape, e.v_codebook)):
@@ -54,7 +54,7 @@ def _check_entry(view: memoryview, header: ContainerHeader, e: LayerEntry) -> No
         label = kind.upper()
         for i, block in enumerate(_blocks(e, kind, sections)):
             try:
-                check_block(spec, block, shape, header.dtype, book)
+                check_block(spec, block, shape, header.dtype, book, header.version)
             except ValueError as err:
                 raise FormatError(f"layer {e.layer} {label} block {i}: {err}") from None
         n_tail = shape[2] - spec.encoded_tokens(shape[2])
@@ -115,7 +115,7 @@ def _decode_part(
         shape = e.k_shape if kind == "k" else e.v_shape
         book = e.k_codebook if kind == "k" else e.v_codebook
         return decode_stream(
-            StreamSpec.of(kind, header.settings),
+            StreamSpec.of(kind, e.settings),
             _blocks(e, kind, sections),
             sections[f"{label} window"],
             shape,
@@ -123,6 +123,7 @@ def _decode_part(
             book,
             device,
             out,
+            header.version,
         )
     except FormatError:
         raise
@@ -179,7 +180,7 @@ def decode_tails(
     """The full-precision window tokens of a layer's K and V (CPU tensors)."""
     out = []
     for kind, ref, shape in (("k", e.k_window, e.k_shape), ("v", e.v_window, e.v_shape)):
-        spec = StreamSpec.of(kind, header.settings)
+        spec = StreamSpec.of(kind, e.settings)
         data = payload(view, header, e.layer, f"{kind.upper()} window", ref)
         b, h, n, d = shape
         tail_shape = (b, h, n - spec.encoded_tokens(n), d)

@@ -29,7 +29,7 @@ def _copied(view: memoryview, header: ContainerHeader, e: LayerEntry) -> Encoded
 
     return EncodedLayer(
         header.dtype,
-        header.settings,
+        e.settings,
         e.k_shape,
         e.v_shape,
         e.k_codebook,
@@ -40,6 +40,7 @@ def _copied(view: memoryview, header: ContainerHeader, e: LayerEntry) -> Encoded
         sec("K window", e.k_window),
         sec("V window", e.v_window),
         None,
+        header.version,
     )
 
 
@@ -52,7 +53,7 @@ def slice_layers(blob: bytes | bytearray | memoryview, start: int, end: int) -> 
     if not chosen:
         raise KeyError(f"no layers in [{start}, {end}) (container has {header.layers})")
     layers = [(e.layer, _copied(view, header, e)) for e in chosen]
-    return write(header.dtype, header.settings, header.meta, header.seq_len, layers)
+    return write(header.dtype, header.settings, header.meta, header.seq_len, layers, header.version)
 
 
 def append(
@@ -72,13 +73,13 @@ def append(
     if len(counts) != 1:
         raise ValueError("every layer must receive the same number of new tokens")
     m = counts.pop()
-    s = header.settings
     layers = []
     for e, nk, nv in zip(header.entries, new_keys, new_values, strict=True):
         if dtype_name(nk.dtype) != header.dtype or nk.shape[:2] != e.k_shape[:2]:
             raise ValueError(
                 f"layer {e.layer}: new tokens do not match dtype/shape of the container"
             )
+        s = e.settings
         cur = _copied(view, header, e)
         tail = decode_tails(view, header, e)
         k_all = torch.cat([tail[0], nk.detach().to("cpu")], dim=2)
@@ -90,7 +91,7 @@ def append(
             ("v", v_all, len(e.v_blocks), e.v_codebook),
         ):
             spec = StreamSpec.of(kind, s)
-            outs.append(encode_stream(spec, x, book, spec.blocks(n_total) - nb_old))
+            outs.append(encode_stream(spec, x, book, spec.blocks(n_total) - nb_old, header.version))
         idx = cur.indices
         if idx is not None:
             old_idx = decode_indices(idx.data, e.k_shape[:3], None)
@@ -115,8 +116,9 @@ def append(
                     outs[0].window,
                     outs[1].window,
                     None,
+                    header.version,
                 ),
             )
         )
     seq_len = header.seq_len + m if header.seq_len is not None else None
-    return write(header.dtype, s, header.meta, seq_len, layers)
+    return write(header.dtype, header.settings, header.meta, seq_len, layers, header.version)

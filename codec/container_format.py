@@ -14,7 +14,8 @@ from kvpack.codec.quant_settings import QuantSettings
 from kvpack.codec.rawbytes import itemsize
 
 MAGIC = b"KVPK"
-VERSION = 1
+VERSION = 2  # written by default; every version in VERSIONS decodes
+VERSIONS = (1, 2)
 CONTAINER_VERSION = VERSION  # the name kvpack.codec exports
 _PREFIX = struct.Struct("<4sHHII")  # magic, version, flags (0), header bytes, header crc32
 MAX_HEADER_BYTES = 16 << 20
@@ -24,7 +25,7 @@ MAX_LAYER_NUMBER = 1 << 16
 MAX_SHAPE = (1 << 16, 1 << 12, 1 << 24, 1 << 16)
 MAX_ELEMENTS = 1 << 34
 # A layer may not claim more decoded bytes than this many times its stored bytes (+ 64 KiB):
-# zstd cannot exceed about 2^15, and quantised blocks carry >= 8 bytes per group.
+# zstd cannot exceed about 2^15 (v2 group metadata is zstd too; v1's is 8 bytes per group).
 MAX_EXPANSION = 1 << 16
 MAX_META_ITEMS = 64
 MAX_META_CHARS = 4096
@@ -47,7 +48,8 @@ class SectionRef:
 @dataclass(frozen=True)
 class LayerEntry:
     """One layer in the header: number, shapes [B, H, n, d], codebooks (Huffman code lengths per
-    symbol, or None) and its sections."""
+    symbol, or None), its sections and the settings it was encoded with (the container's, or
+    the layer's own recorded in a v2 header: error bounds may differ per layer)."""
 
     layer: int
     k_shape: tuple[int, int, int, int]
@@ -59,6 +61,7 @@ class LayerEntry:
     v_blocks: tuple[SectionRef, ...]
     k_window: SectionRef
     v_window: SectionRef
+    settings: QuantSettings
 
     def named_sections(self) -> list[tuple[str, SectionRef]]:
         """(name for error messages, ref) in container order."""
@@ -78,6 +81,7 @@ class ContainerHeader:
 
     raw_bytes / stored_bytes are per layer: K+V bytes in `dtype` and the bytes of its sections.
     coders: per layer, the coder of each K and V block ({"k": (...), "v": (...)}).
+    settings: the container's settings; layer_settings: each layer's (v2 may differ per layer).
     """
 
     version: int
@@ -104,6 +108,10 @@ class ContainerHeader:
     @property
     def v_shapes(self) -> list[tuple[int, int, int, int]]:
         return [e.v_shape for e in self.entries]
+
+    @property
+    def layer_settings(self) -> list[QuantSettings]:
+        return [e.settings for e in self.entries]
 
     @property
     def raw_bytes(self) -> list[int]:

@@ -18,7 +18,7 @@ from kvpack.codec.container_format import (
     MAX_LAYER_NUMBER,
     MAX_LAYERS,
     MAX_SHAPE,
-    VERSION,
+    VERSIONS,
     ContainerHeader,
     LayerEntry,
     SectionRef,
@@ -69,17 +69,34 @@ def _codebook(value: object, what: str, n_levels: int) -> tuple[int, ...] | None
     return book
 
 
-def _entry(value: object, pos: int, settings: QuantSettings, dtype: str) -> LayerEntry:
+def _layer_settings(value: object, at: str, base: QuantSettings) -> QuantSettings:
+    """A v2 layer's own settings: the container's with the fields its "settings" overrides."""
+    if (
+        not isinstance(value, dict)
+        or not value
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+    ):
+        raise FormatError(f"header: {at} settings must map names to strings")
+    try:
+        return QuantSettings.from_mapping({**base.to_dict(), **value})
+    except ValueError as err:
+        raise FormatError(f"header: {at} settings: {err}") from None
+
+
+def _entry(value: object, pos: int, base: QuantSettings, dtype: str, version: int) -> LayerEntry:
     if not isinstance(value, dict):
         raise FormatError(f"header: layers[{pos}] must be an object")
     keys = {"layer", "k_shape", "v_shape", "k_codebook", "v_codebook", "indices"}
     keys |= {"k_blocks", "v_blocks", "k_window", "v_window"}
-    if set(value) != keys:
+    # v2: a layer encoded with other settings than the container's records the fields that differ.
+    has_own = version >= 2 and "settings" in value
+    if set(value) != keys | ({"settings"} if has_own else set()):
         raise FormatError(
             f"header: layers[{pos}] has fields {sorted(value)}, expected {sorted(keys)}"
         )
     number = _int(value["layer"], f"layers[{pos}].layer", 0, MAX_LAYER_NUMBER - 1)
     at = f"layer {number}"
+    settings = _layer_settings(value["settings"], at, base) if has_own else base
     k_shape = _shape(value["k_shape"], f"{at} k_shape")
     v_shape = _shape(value["v_shape"], f"{at} v_shape")
     if k_shape[:3] != v_shape[:3]:
@@ -116,6 +133,7 @@ def _entry(value: object, pos: int, settings: QuantSettings, dtype: str) -> Laye
         blocks[1],
         _ref(value["k_window"], f"{at} K window", ("lossless",)),
         _ref(value["v_window"], f"{at} V window", ("lossless",)),
+        settings,
     )
     raw_bytes = (math.prod(k_shape) + math.prod(v_shape)) * itemsize(dtype)
     if raw_bytes > MAX_EXPANSION * (entry.stored_bytes + 1024):
@@ -132,8 +150,10 @@ def read_header(blob: bytes | bytearray | memoryview) -> ContainerHeader:
     magic, version, flags, head_len, head_crc = _PREFIX.unpack_from(view)
     if magic != MAGIC:
         raise FormatError(f"prefix: bad magic {bytes(magic)!r}, not a kvpack container")
-    if version != VERSION:
-        raise FormatError(f"prefix: unsupported container version {version} (this reads {VERSION})")
+    if version not in VERSIONS:
+        raise FormatError(
+            f"prefix: unsupported container version {version} (this reads {list(VERSIONS)})"
+        )
     if flags != 0:
         raise FormatError(f"prefix: unknown flags {flags:#x}")
     if head_len > MAX_HEADER_BYTES or _PREFIX.size + head_len > len(view):
@@ -173,7 +193,7 @@ def read_header(blob: bytes | bytearray | memoryview) -> ContainerHeader:
     raw_layers = doc["layers"]
     if not isinstance(raw_layers, list) or not 1 <= len(raw_layers) <= MAX_LAYERS:
         raise FormatError(f"header: layers must be a list of 1..{MAX_LAYERS} entries")
-    entries = tuple(_entry(v, i, settings, dtype) for i, v in enumerate(raw_layers))
+    entries = tuple(_entry(v, i, settings, dtype, version) for i, v in enumerate(raw_layers))
     cursor = 0
     prev = -1
     for e in entries:
@@ -188,4 +208,4 @@ def read_header(blob: bytes | bytearray | memoryview) -> ContainerHeader:
             cursor += ref.length
     if cursor != data_bytes:
         raise FormatError(f"header: sections cover {cursor} of {data_bytes} data bytes")
-    return ContainerHeader(VERSION, dtype, settings, meta, seq_len, entries, data_offset, len(view))
+    return ContainerHeader(version, dtype, settings, meta, seq_len, entries, data_offset, len(view))

@@ -13,6 +13,7 @@ from kvpack.codec.container_format import (
     MAX_HEADER_BYTES,
     MAX_LAYERS,
     VERSION,
+    VERSIONS,
     check_meta,
 )
 from kvpack.codec.layer_codec import EncodedLayer, Section, crc32, encode_layer
@@ -26,7 +27,13 @@ def write(
     meta: Mapping[str, str] | None,
     seq_len: int | None,
     layers: Sequence[tuple[int, EncodedLayer]],
+    version: int = VERSION,
 ) -> bytes:
+    """A container of `version` holding `layers` (absolute number, encoded layer laid out for
+    that version). In v2 a layer's settings may differ from `settings` (the container's): the
+    fields that differ are recorded in its entry; v1 has no room for that."""
+    if version not in VERSIONS:
+        raise ValueError(f"container version {version} not one of {list(VERSIONS)}")
     if seq_len is not None and (not isinstance(seq_len, int) or seq_len < 0):
         raise ValueError(f"seq_len must be a non-negative int, got {seq_len!r}")
     entries = []
@@ -40,9 +47,13 @@ def write(
         cursor += len(sec.data)
         return ref
 
+    base = settings.to_dict()
     for number, lay in layers:
-        if lay.dtype != dtype or lay.settings != settings:
-            raise ValueError(f"layer {number} was encoded with another dtype or settings")
+        if lay.dtype != dtype or lay.version != version:
+            raise ValueError(f"layer {number} was encoded for another dtype or container version")
+        own = {k: v for k, v in lay.settings.to_dict().items() if base[k] != v}
+        if own and version < 2:
+            raise ValueError(f"layer {number} was encoded with other settings (v1 has one set)")
         entry: dict[str, object] = {
             "layer": number,
             "k_shape": list(lay.k_shape),
@@ -55,6 +66,8 @@ def write(
         entry["v_blocks"] = [place(s) for s in lay.v_blocks]
         entry["k_window"] = place(lay.k_window)
         entry["v_window"] = place(lay.v_window)
+        if own:
+            entry["settings"] = own
         entries.append(entry)
     header = {
         "dtype": dtype,
@@ -67,7 +80,7 @@ def write(
     head = json.dumps(header, separators=(",", ":")).encode()
     if len(head) > MAX_HEADER_BYTES:
         raise ValueError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
-    prefix = _PREFIX.pack(MAGIC, VERSION, 0, len(head), crc32(head))
+    prefix = _PREFIX.pack(MAGIC, version, 0, len(head), crc32(head))
     return b"".join([prefix, head, *parts])
 
 
@@ -79,8 +92,9 @@ def assemble(
     meta: Mapping[str, str] | None = None,
     seq_len: int | None = None,
 ) -> bytes:
-    """A container of layers numbered 0..L-1 from encode_layer results (all with `settings` and
-    `dtype`). meta: small str -> str map; seq_len: context length before eviction."""
+    """A container of layers numbered 0..L-1 from encode_layer results (all of `dtype`; each
+    with `settings`, the container's, or its own: error bounds chosen per layer are recorded per
+    layer). meta: small str -> str map; seq_len: context length before eviction."""
     name = dtype if isinstance(dtype, str) else dtype_name(dtype)
     if len(layers) > MAX_LAYERS:
         raise ValueError(f"{len(layers)} layers exceed {MAX_LAYERS}")
@@ -95,13 +109,21 @@ def encode(
     settings: QuantSettings = QuantSettings(),  # noqa: B008 (frozen, immutable)
     meta: Mapping[str, str] | None = None,
     seq_len: int | None = None,
+    layer_settings: Sequence[QuantSettings] | None = None,
 ) -> bytes:
     """Encode a cache: per-layer keys/values [B, H, n_l, d] (n_l may differ per layer), optional
-    per-layer kept positions [B, H, n_l] int64. Returns container bytes."""
+    per-layer kept positions [B, H, n_l] int64. Returns container bytes.
+
+    layer_settings: one QuantSettings per layer (e.g. per-layer error bounds chosen for a byte
+    budget); the container records `settings` and each layer's differences from it, and
+    decode reads them back. None: every layer uses `settings`."""
     if len(keys) != len(values) or (indices is not None and len(indices) != len(keys)):
         raise ValueError("keys, values and indices must have one entry per layer")
+    if layer_settings is not None and len(layer_settings) != len(keys):
+        raise ValueError(f"layer_settings has {len(layer_settings)} entries for {len(keys)} layers")
     if not keys:
         raise ValueError("a container needs at least one layer")
     idx = list(indices) if indices is not None else [None] * len(keys)
-    encoded = [encode_layer(k, v, i, settings) for k, v, i in zip(keys, values, idx, strict=True)]
+    own = list(layer_settings) if layer_settings is not None else [settings] * len(keys)
+    encoded = [encode_layer(k, v, i, s) for k, v, i, s in zip(keys, values, idx, own, strict=True)]
     return assemble(encoded, settings, dtype=keys[0].dtype, meta=meta, seq_len=seq_len)

@@ -15,7 +15,8 @@ import torch
 import zstandard
 from isal import isal_zlib
 
-from kvpack.codec import entropy, lossless, quant
+from kvpack.codec import block_meta, entropy, lossless, quant
+from kvpack.codec.container_format import VERSION
 from kvpack.codec.quant_settings import QuantSettings
 from kvpack.codec.rawbytes import dtype_name, tensor_to_array
 from kvpack.codec.stream import StreamSpec
@@ -76,6 +77,7 @@ class EncodedLayer:
     k_window: Section
     v_window: Section
     stats: LayerStats | None
+    version: int = VERSION  # container format its block sections are laid out for
 
     @property
     def sections(self) -> list[Section]:
@@ -124,10 +126,12 @@ def encode_stream(
     x: torch.Tensor,
     codebook: tuple[int, ...] | None = None,
     n_blocks: int | None = None,
+    version: int = VERSION,
 ) -> _StreamOut:
     """Encode K or V [B, H, n, d] as `spec` says: the first n_blocks blocks (default: all whole
     blocks older than the window) as block sections, the rest as the window section.
-    `codebook` is reused if given."""
+    `codebook` is reused if given; `version`: the container format the blocks are laid out for
+    (2: compact group metadata, 1: fp32, for appending to v1 containers)."""
     t = spec.block_tokens
     nb = spec.blocks(x.shape[2]) if n_blocks is None else n_blocks
     enc, tail = x[:, :, : nb * t], x[:, :, nb * t :]
@@ -136,14 +140,20 @@ def encode_stream(
         sq_norm = float(x.to(torch.float32).square().sum())
         blocks = [_window_section(enc[:, :, i * t : (i + 1) * t]) for i in range(nb)]
         return _StreamOut(blocks, window, None, 0.0, 0.0, sq_norm, 0, 0, 0.0)
-    qz = quant.quantize_blocks(x, spec.grouping, t, spec.error_bound, nb)
+    lattice = version >= 2
+    qz = quant.quantize_blocks(x, spec.grouping, t, spec.error_bound, nb, lattice=lattice)
     # Window tokens are exact: only their squares add to the norm.
     sq_norm = qz.sq_norm + float(tail.to(torch.float64).square().sum())
     lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
     coded = entropy.encode_symbol_blocks(qz.symbols, qz.counts, spec, lengths, qz.hist)
-    meta = np.concatenate([qz.mn, qz.step], axis=1).astype("<f4", copy=False)
+    # Lossy entropy-codes the metadata too; fixed (the fixed-width baseline) stores it raw.
+    heads = (
+        block_meta.encode_v2(qz, compress=spec.mode == "lossy")
+        if lattice
+        else block_meta.encode_v1(qz)
+    )
     blocks = [
-        Section.of(coder, meta[i].tobytes() + payload)
+        Section.of(coder, heads[i] + payload)
         for i, (coder, payload) in enumerate(zip(coded.coders, coded.payloads, strict=True))
     ]
     coded_bits = 8 * sum(len(p) for p in coded.payloads)
@@ -211,13 +221,16 @@ def encode_layer(
     v: torch.Tensor,
     indices: torch.Tensor | None = None,
     settings: QuantSettings = QuantSettings(),  # noqa: B008 (frozen, immutable)
+    *,
+    version: int = VERSION,
 ) -> EncodedLayer:
     """Encode one layer: k [B, H, n, dk], v [B, H, n, dv] (fp32/fp16/bf16, any device), indices
-    [B, H, n] int64 kept positions or None. Thread-safe; layers can be encoded in parallel."""
+    [B, H, n] int64 kept positions or None. Thread-safe; layers can be encoded in parallel.
+    `version`: container format to lay the blocks out for (1 only to append to v1 containers)."""
     settings.validate()
     k_shape, v_shape = check_layer_input(k, v, indices)
-    ko = encode_stream(StreamSpec.of("k", settings), k)
-    vo = encode_stream(StreamSpec.of("v", settings), v)
+    ko = encode_stream(StreamSpec.of("k", settings), k, version=version)
+    vo = encode_stream(StreamSpec.of("v", settings), v, version=version)
     idx = encode_indices(indices) if indices is not None else None
     raw = (k.numel() + v.numel()) * k.element_size()
     layer = EncodedLayer(
@@ -233,6 +246,7 @@ def encode_layer(
         ko.window,
         vo.window,
         None,
+        version,
     )
     stats = LayerStats(
         key_max_abs_error=ko.max_err,

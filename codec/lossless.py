@@ -107,3 +107,14 @@ def check_frame(payload: bytes | memoryview, nbytes: int) -> None:
         raise LosslessError(f"not a zstd frame: {e}") from None
     if params.content_size != nbytes:
         raise LosslessError(f"zstd frame declares {params.content_size} bytes, expected {nbytes}")
+
+
+def zstd_bounded(payload: bytes | memoryview, max_bytes: int) -> bytes:
+    """Decompress one zstd frame that must declare its content size, at most `max_bytes`."""
+    try:
+        params = zstandard.get_frame_parameters(bytes(payload[:18]))
+    except zstandard.ZstdError as e:
+        raise LosslessError(f"not a zstd frame: {e}") from None
+    if not 0 <= params.content_size <= max_bytes:
+        raise LosslessError(f"zstd frame declares {params.content_size} bytes, at most {max_bytes}")
+    return zstd_exact(payload, params.content_size)

@@ -31,7 +31,12 @@ class Quantized:
     levels) block after block, `counts` (int64 [nb]) symbols per block, group minima `mn` and
     steps `step` (float32 [nb, G], step 0 = constant group), per-block symbol histograms `hist`
     (int64 [nb, levels]); errors of the decoded values (in the input dtype) against the input:
-    max |x - x̂| and sum (x - x̂)^2, and the input's sum x^2 (float64 sums)."""
+    max |x - x̂| and sum (x - x̂)^2, and the input's sum x^2 (float64 sums).
+
+    Quantised with `lattice` (container format v2), `mn` holds each group's anchor (the value of
+    symbol 0: the minimum rounded to the compact grid, within step/2 of it) and `step` its
+    compact step; `step_codes` (uint16 [nb, G], kernels.ESCAPE = stored as fp32 mn and step)
+    and `anchor_codes` (int16 [nb, G]) are their codes. Both are None otherwise."""
 
     symbols: np.ndarray
     counts: np.ndarray
@@ -41,6 +46,8 @@ class Quantized:
     max_err: float
     sq_err: float
     sq_norm: float
+    step_codes: np.ndarray | None = None
+    anchor_codes: np.ndarray | None = None
 
 
 def _float_kind(dtype: torch.dtype) -> int:
@@ -55,11 +62,18 @@ def _bits(x: torch.Tensor) -> np.ndarray:
 
 
 def quantize_blocks(
-    x: torch.Tensor, grouping: str, block_tokens: int, eb: float, n_blocks: int | None = None
+    x: torch.Tensor,
+    grouping: str,
+    block_tokens: int,
+    eb: float,
+    n_blocks: int | None = None,
+    *,
+    lattice: bool = False,
 ) -> Quantized:
     """Quantise the first n_blocks blocks of block_tokens tokens (default: all whole blocks) of
     x [B, H, n, d] (fp32/fp16/bf16, any device) with relative bound eb and `grouping` ("v",
-    "channel" or "block", see group_shape), as docs/FORMAT.md.
+    "channel" or "block", see group_shape), as docs/FORMAT.md; `lattice`: against format v2's
+    compact anchors and steps (fp32 minima and steps without).
 
     ValueError on non-finite values or a group range that overflows fp32 (use mode "lossless").
     """
@@ -75,6 +89,8 @@ def quantize_blocks(
     step = np.zeros((nb, g), dtype=np.float32)
     hist = np.zeros((nb, n_levels), dtype=np.int64)
     acc = np.zeros(3, dtype=np.float64)
+    step_codes = np.full((nb, g), kernels.ESCAPE, dtype=np.uint16)
+    anchor_codes = np.zeros((nb, g), dtype=np.int16)
     if nb and g * m:
         # The kernel reads contiguous [T, d] tiles: a strided input is copied once here.
         bad = kernels.quantize_blocks(
@@ -91,12 +107,24 @@ def quantize_blocks(
             step,
             hist,
             acc,
+            lattice,
+            step_codes,
+            anchor_codes,
         )
         if bad:
             raise ValueError("non-finite values or a group range beyond fp32; use mode 'lossless'")
     live = int(counts.sum())
+    codes = (step_codes, anchor_codes) if lattice else (None, None)
     return Quantized(
-        symbols[:live], counts, mn, step, hist, float(acc[0]), float(acc[1]), float(acc[2])
+        symbols[:live],
+        counts,
+        mn,
+        step,
+        hist,
+        float(acc[0]),
+        float(acc[1]),
+        float(acc[2]),
+        *codes,
     )
 
 

@@ -65,8 +65,8 @@ class QuantSettings:
     v_error_bound: float = 0.10
     k_grouping: str = "channel"
     block_tokens: int = 64
-    k_window: int = 128
-    v_window: int = 256
+    k_window: int = 0
+    v_window: int = 0
     entropy: str = "auto"
 
     def __post_init__(self) -> None:

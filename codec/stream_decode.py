@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from kvpack.codec import entropy, lossless, quant
+from kvpack.codec import block_meta, entropy, lossless, quant
 from kvpack.codec.rawbytes import dtype_from_name, itemsize
 from kvpack.codec.stream import StreamSpec
 
@@ -20,29 +20,22 @@ Block = tuple[str, bytes | memoryview]  # (coder, section bytes)
 
 
 def stream_meta(
-    spec: StreamSpec, blocks: Sequence[Block], shape: tuple[int, int, int, int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """(meta float32 [nb, 2G]: minima then steps, symbol counts int64 [nb]) of a lossy stream's
-    blocks. ValueError naming the first bad block: too short, a coder of another mode, a
-    non-finite minimum or step, or a negative step."""
+    spec: StreamSpec, blocks: Sequence[Block], shape: tuple[int, int, int, int], version: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """(anchors float32 [nb, G], steps float32 [nb, G], symbol counts int64 [nb], metadata
+    bytes per block) of a quantised stream's blocks in container `version` (block_meta).
+    ValueError naming the first bad block: malformed metadata, a coder of another mode, a
+    non-finite anchor or step, or a negative step."""
     g, m = spec.group_shape(shape)
-    head = 8 * g
-    short = [i for i, (_, data) in enumerate(blocks) if len(data) < head]
-    if short:
-        raise ValueError(f"block {short[0]}: cannot hold {g} group minima and steps")
     fixed = spec.mode == "fixed"
     wrong = [i for i, (coder, _) in enumerate(blocks) if (coder == "fixed") != fixed]
     if wrong:
         raise ValueError(
             f"block {wrong[0]}: coder {blocks[wrong[0]][0]!r} does not belong to mode {spec.mode!r}"
         )
-    raw = b"".join([data[:head] for _, data in blocks])
-    meta = np.frombuffer(raw, dtype="<f4").reshape(len(blocks), 2 * g).astype(np.float32)
-    bad = ~np.isfinite(meta).all(axis=1) | (meta[:, g:] < 0).any(axis=1)
-    if bad.any():
-        raise ValueError(f"block {int(np.argmax(bad))}: non-finite group minimum or negative step")
-    counts = (meta[:, g:] != 0).sum(axis=1).astype(np.int64) * m
-    return meta, counts
+    mn, step, heads = block_meta.decode_meta([data for _, data in blocks], g, version)
+    counts = (step != 0).sum(axis=1).astype(np.int64) * m
+    return mn, step, counts, heads
 
 
 def check_block(
@@ -51,9 +44,11 @@ def check_block(
     shape: tuple[int, int, int, int],
     dtype: str,
     codebook: tuple[int, ...] | None,
+    version: int,
 ) -> int:
-    """Structural check of one block (sizes, metadata, coder framing; no symbol decoding).
-    Returns the number of coded symbols. ValueError subclasses on any inconsistency."""
+    """Structural check of one block of container `version` (sizes, metadata, coder framing; no
+    symbol decoding). Returns the number of coded symbols. ValueError subclasses on any
+    inconsistency."""
     coder, data = block
     b, h, _, d = shape
     if spec.mode == "lossless":
@@ -61,10 +56,9 @@ def check_block(
             raise ValueError(f"coder {coder!r} in a lossless container")
         lossless.check_frame(data, b * h * spec.block_tokens * d * itemsize(dtype))
         return 0
-    _, counts = stream_meta(spec, [block], shape)
-    g, _ = spec.group_shape(shape)
+    _, _, counts, heads = stream_meta(spec, [block], shape, version)
     lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
-    entropy.check_symbol_block(coder, data[8 * g :], int(counts[0]), spec, lengths)
+    entropy.check_symbol_block(coder, data[heads[0] :], int(counts[0]), spec, lengths)
     return int(counts[0])
 
 
@@ -86,10 +80,12 @@ def decode_stream(
     codebook: tuple[int, ...] | None,
     device: torch.device | str | None,
     out: torch.Tensor | None = None,
+    version: int = 2,
 ) -> torch.Tensor:
     """Decode one stream to a tensor of `shape` [B, H, n, d] and `dtype` on `device`, written
     into `out` when given (a CPU tensor of that shape and dtype, any strides; no allocation
-    and no first-touch page faults when it is reused). Block metadata, coder framing, Huffman
+    and no first-touch page faults when it is reused). `version`: the container format of the
+    blocks. Block metadata, coder framing, Huffman
     codes and symbol ranges are all checked while decoding; ValueError subclasses on any
     inconsistency."""
     b, h, n, d = shape
@@ -113,11 +109,9 @@ def decode_stream(
             _unshuffle_into(data, part)
             out[:, :, i * t : (i + 1) * t].copy_(part)
     elif nb:
-        meta, counts = stream_meta(spec, blocks, shape)
-        g = meta.shape[1] // 2
+        mn, step, counts, heads = stream_meta(spec, blocks, shape, version)
         lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
-        syms = entropy.decode_symbol_blocks(
-            [c for c, _ in blocks], [p[8 * g :] for _, p in blocks], counts, spec, lengths
-        )
-        quant.dequantize_blocks(syms, meta[:, :g], meta[:, g:], spec.grouping, spec.levels, out, t)
+        payloads = [p[head:] for (_, p), head in zip(blocks, heads, strict=True)]
+        syms = entropy.decode_symbol_blocks([c for c, _ in blocks], payloads, counts, spec, lengths)
+        quant.dequantize_blocks(syms, mn, step, spec.grouping, spec.levels, out, t)
     return out if device is None else out.to(device)

@@ -16,12 +16,16 @@ from kvpack.codec.kernels.bitpack import pack_fixed_blocks as pack_fixed_blocks
 from kvpack.codec.kernels.bitpack import unpack_fixed as unpack_fixed
 from kvpack.codec.kernels.bitpack import unpack_fixed_blocks as unpack_fixed_blocks
 from kvpack.codec.kernels.dequantize import dequantize_blocks as dequantize_blocks
+from kvpack.codec.kernels.floats import ANCHOR_DIVISOR as ANCHOR_DIVISOR
 from kvpack.codec.kernels.floats import BF16 as BF16
+from kvpack.codec.kernels.floats import ESCAPE as ESCAPE
 from kvpack.codec.kernels.floats import FP16 as FP16
 from kvpack.codec.kernels.floats import FP32 as FP32
 from kvpack.codec.kernels.floats import GROUP_K_BLOCK as GROUP_K_BLOCK
 from kvpack.codec.kernels.floats import GROUP_K_CHANNEL as GROUP_K_CHANNEL
 from kvpack.codec.kernels.floats import GROUP_V as GROUP_V
+from kvpack.codec.kernels.floats import STEP_EXP_BIAS as STEP_EXP_BIAS
+from kvpack.codec.kernels.floats import STEP_MANTISSAS as STEP_MANTISSAS
 from kvpack.codec.kernels.histogram import block_histograms as block_histograms
 from kvpack.codec.kernels.huffman_decode import MULTI_BITS as MULTI_BITS
 from kvpack.codec.kernels.huffman_decode import huffman_decode as huffman_decode

@@ -216,3 +216,73 @@ def _from_key32(k: np.uint32) -> np.float32:
 def _from_key16(k: np.uint32, kind: int) -> np.float32:
     u = k ^ np.uint32(0x8000) if k & np.uint32(0x8000) else ~k & np.uint32(0xFFFF)
     return _load(u, kind)[0]
+
+
+# Format v2's compact group metadata (docs/FORMAT.md "Group metadata"): a step on a grid of
+# 64 steps per octave, STEP_MANTISSAS[i] * 2^e with STEP_MANTISSAS[i] = fp32(2^(i/64)), and an
+# anchor (the value of symbol 0) on the lattice of step/ANCHOR_DIVISOR. Both are small integers
+# that entropy-code well, where fp32 minima and steps cost 64 bits per group.
+STEP_MANTISSAS = np.array([2.0 ** (i / 64) for i in range(64)], dtype=np.float32)
+STEP_EXP_BIAS = 150  # code = (e + STEP_EXP_BIAS) * 64 + i; e in [STEP_MIN_EXP, 127]
+STEP_MIN_EXP = -123  # the anchor unit step/8 stays a normal fp32 (relative precision kept)
+ESCAPE = 0xFFFF  # step code of a group stored as fp32 minimum and step (constant, or no fit)
+ANCHOR_DIVISOR = 8
+ANCHOR_MAX = 32767  # anchor codes are int16
+
+
+@njit(nogil=True, error_model="numpy")
+def step_of_code(code: int) -> np.float32:
+    """The fp32 step of a (non-escape) step code: STEP_MANTISSAS[code % 64] * 2^e, exact (the
+    mantissas lie in [1, 2): e goes straight into the exponent bits)."""
+    e = (code >> 6) - STEP_EXP_BIAS
+    bits = np.int64(_u32_from_f32(STEP_MANTISSAS[code & 63])) + (np.int64(e) << 23)
+    return _f32_from_u32(np.uint32(bits))
+
+
+@njit(nogil=True, error_model="numpy")
+def anchor_of_code(code: int, step: np.float32) -> np.float32:
+    """The fp32 anchor of anchor code `code` for a group of step `step`: one fp32 product."""
+    return np.float32(code) * np.float32(step / np.float32(ANCHOR_DIVISOR))
+
+
+@njit(nogil=True, error_model="numpy")
+def _lattice(
+    lo: np.float32, hi: np.float32, step: np.float32, qmax: int
+) -> tuple[np.float32, np.float32, int, int]:
+    """(anchor, step, step code, anchor code) of a live group with minimum lo, maximum hi and
+    fp32 step `step` (docs/FORMAT.md): the largest grid step <= `step`, and an anchor on the
+    lattice of step/8 such that lo and hi lie within the symbols' reach (anchor - step/2 and
+    anchor + (qmax + 1/2)*step) with a margin of 2^-22 * max(|lo|, |hi|) for fp32 rounding.
+    The step code is ESCAPE (and lo, step are returned) when no such pair exists.
+
+    The step only shrinks (the error bound eb*range/2 keeps holding); the half step of room at
+    each end of a group's symbol range, (qmax + 1)*step - range >= step, pays for rounding the
+    step down (qmax * 2^(1/64) relative) and the anchor to its lattice (step/8)."""
+    if step == 0:
+        return lo, step, ESCAPE, 0
+    bits = np.int64(_u32_from_f32(step))  # a normal fp32 (steps are >= 2^-126): m2 * 2^e
+    e = ((bits >> 23) & 0xFF) - 127
+    m2 = np.float64(_f32_from_u32(np.uint32((bits & 0x7FFFFF) | 0x3F800000)))
+    if e < STEP_MIN_EXP or e > 127:
+        return lo, step, ESCAPE, 0
+    i = min(63, int(64.0 * np.log2(m2)))
+    while i > 0 and np.float64(STEP_MANTISSAS[i]) > m2:
+        i -= 1
+    while i < 63 and np.float64(STEP_MANTISSAS[i + 1]) <= m2:
+        i += 1
+    code = int((e + STEP_EXP_BIAS) * 64 + i)
+    s = step_of_code(code)
+    s64 = np.float64(s)
+    lo64 = np.float64(lo)
+    hi64 = np.float64(hi)
+    margin = 2.0**-22 * max(abs(lo64), abs(hi64))
+    unit = s64 / ANCHOR_DIVISOR
+    j0 = np.floor((lo64 + 0.5 * s64) / unit)
+    for j in (j0, j0 - 1.0):
+        if abs(j) > ANCHOR_MAX:
+            continue
+        a = anchor_of_code(int(j), s)
+        a64 = np.float64(a)
+        if a64 - 0.5 * s64 <= lo64 - margin and a64 + (qmax + 0.5) * s64 >= hi64 + margin:
+            return a, s, code, int(j)
+    return lo, step, ESCAPE, 0

@@ -15,6 +15,7 @@ from kvpack.codec.kernels.floats import (
     _f64_from_i64,
     _fma32,
     _i64_from_f64,
+    _lattice,
     _load,
     _row_range_bits,
     _step,
@@ -218,6 +219,9 @@ def quantize_blocks(
     step: np.ndarray,
     hist: np.ndarray,
     acc: np.ndarray,
+    lattice: bool,
+    scode: np.ndarray,
+    acode: np.ndarray,
 ) -> int:
     """Quantise every group of the first nb blocks of t_len tokens of one stream (docs/FORMAT.md).
 
@@ -228,8 +232,11 @@ def quantize_blocks(
     live groups in group order to syms (1-D, room for nb*G*m) at the running position, their
     count to counts[i] and their histogram to hist[i] (int64 [nb, levels], zeroed by the
     caller); folds the error statistics into acc (float64 [3]: max |x - x̂|, sum (x - x̂)^2,
-    sum x^2; zeroed by the caller). Returns 0, or 1 when a value is non-finite or a group range
-    overflows fp32 (outputs then undefined).
+    sum x^2; zeroed by the caller). With `lattice` (format v2) each live group's minimum and step
+    are replaced by the compact anchor and step of floats._lattice before quantising, and their
+    codes written to scode (uint16 [nb, G]; ESCAPE for a group kept in fp32) and acode (int16
+    [nb, G]); mn and step then hold the anchor and step the decoder will use. Returns 0, or 1
+    when a value is non-finite or a group range overflows fp32 (outputs then undefined).
 
     V and K-channel groups go tile by tile ([T, d] of one block, batch row and head): widen to
     fp32, min/max, quantise, error statistics, emit symbols; each of these loops is branch-free
@@ -253,7 +260,19 @@ def quantize_blocks(
         if grouping == GROUP_K_BLOCK:
             tokens = x4[:, :, blk * t_len : (blk + 1) * t_len]
             w = _quantize_k_block(
-                tokens, src, eb32, qmax, syms, w, mn[blk], step[blk], hist[blk], acc
+                tokens,
+                src,
+                eb32,
+                qmax,
+                syms,
+                w,
+                mn[blk],
+                step[blk],
+                hist[blk],
+                acc,
+                lattice,
+                scode[blk],
+                acode[blk],
             )
             if w < 0:
                 return 1
@@ -280,6 +299,11 @@ def quantize_blocks(
                     s, fine = _step(lo[g], hi[g], eb32)
                     if not fine:
                         return 1
+                    if lattice:
+                        a, s, sc, ac = _lattice(lo[g], hi[g], s, qmax)
+                        lo[g] = a
+                        scode[blk, g0 + g] = sc
+                        acode[blk, g0 + g] = ac
                     st[g] = s
                     div[g] = s if s != 0 else np.float32(1.0)
                     mn[blk, g0 + g] = lo[g]
@@ -304,6 +328,9 @@ def _quantize_k_block(
     step: np.ndarray,
     hist: np.ndarray,
     acc: np.ndarray,
+    lattice: bool,
+    scode: np.ndarray,
+    acode: np.ndarray,
 ) -> int:
     """K "block" grouping (one group per batch row of a block, m = H*T*d) of one block
     [B, H, T, d]: returns the next write position, or -1 on a non-finite value or overflow."""
@@ -318,6 +345,10 @@ def _quantize_k_block(
         st, fine = _step(lo, hi, eb32)
         if not (ok and fine):
             return -1
+        if lattice:
+            lo, st, sc, ac = _lattice(lo, hi, st, qmax)
+            scode[b] = sc
+            acode[b] = ac
         mn[b] = lo
         step[b] = st
         for h in range(nheads):

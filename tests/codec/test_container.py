@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvpack.codec import (
+    CONTAINER_VERSION,
     FormatError,
     QuantSettings,
     append,
@@ -54,7 +55,11 @@ def test_round_trip_and_header(mode: str) -> None:
     s = QuantSettings(mode=mode, block_tokens=16, k_window=8, v_window=20)
     blob = encode(ks, vs, indices=idx, settings=s, meta={"policy": "kvcompose"}, seq_len=200)
     header = verify(blob)
-    assert header.version == 1 and header.num_layers == 3 and header.layers == [0, 1, 2]
+    assert (
+        header.version == CONTAINER_VERSION == 2
+        and header.num_layers == 3
+        and header.layers == [0, 1, 2]
+    )
     assert header.dtype == "fp16" and header.settings == s and header.seq_len == 200
     assert header.meta == {"policy": "kvcompose"}
     assert header.k_shapes == [tuple(k.shape) for k in ks]
@@ -197,8 +202,8 @@ def test_bogus_fields_are_rejected(small_blob: bytes) -> None:
         with pytest.raises(FormatError, match=match):
             verify(rewrite_header(small_blob, edit))
     wrong = bytearray(small_blob)
-    wrong[4] = 2
-    with pytest.raises(FormatError, match="version 2"):
+    wrong[4] = 3
+    with pytest.raises(FormatError, match="version 3"):
         read_header(bytes(wrong))
     with pytest.raises(FormatError, match="magic"):
         read_header(b"PK\x03\x04" + small_blob[4:])

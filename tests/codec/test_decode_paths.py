@@ -87,7 +87,9 @@ def test_rows_repeated_exactly_make_zstd_smaller_than_huffman() -> None:
 
 
 def test_stream_spec_describes_each_stream_once() -> None:
-    s = QuantSettings(k_error_bound=0.05, v_error_bound=0.1, k_grouping="block", k_window=3)
+    s = QuantSettings(
+        k_error_bound=0.05, v_error_bound=0.1, k_grouping="block", k_window=3, v_window=256
+    )
     k, v = StreamSpec.of("k", s), StreamSpec.of("v", s)
     assert (k.grouping, k.levels, k.window, k.symbol_width) == ("block", 21, 3, 1)
     assert (v.grouping, v.levels, v.window) == ("v", 11, 256)
