@@ -9,6 +9,7 @@ add ``indices.{l}`` ``[B, Hkv, b_l]`` (kept positions). Both subcommands are ser
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -54,6 +55,19 @@ def configure_compress(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="fraction of KV entries removed, [0, 1)")
     budget.add_argument("--n-keep", type=int, help="token slots kept, summed over layers")
+    target = parser.add_argument_group(
+        "byte budget", "kvpack chooses the ratio and error bounds (instead of --ratio/--n-keep)"
+    )
+    target.add_argument(
+        "--target-ratio", type=float, help="stored container this many times smaller than fp16"
+    )
+    target.add_argument("--target-bytes", type=int, help="stored container at most this size")
+    target.add_argument(
+        "--max-ratio", type=float, help="quality floor: evict at most this fraction of entries"
+    )
+    target.add_argument(
+        "--max-error-bound", type=float, help="quality floor: error bounds at most this"
+    )
     parser.add_argument(
         "--setting", action="append", default=[], metavar="NAME=VALUE", help="policy setting"
     )
@@ -141,6 +155,8 @@ def run_compress(args: argparse.Namespace) -> int:
             n_keep=args.n_keep, policy_settings=_pairs(args.setting, "--setting"),
             quant=quant, store=not args.no_store, key=args.key, model=args.model,
             return_cache=args.output is not None, progress=progress,
+            target_ratio=args.target_ratio, target_bytes=args.target_bytes,
+            max_ratio=args.max_ratio, max_error_bound=args.max_error_bound,
         )  # fmt: skip
     if args.output is not None:
         out: dict[str, torch.Tensor] = {}
@@ -159,6 +175,7 @@ def run_compress(args: argparse.Namespace) -> int:
                 "stored_bytes": result.stored_bytes,
                 "compression_ratio": result.compression_ratio,
                 "timings_seconds": result.timings_seconds,
+                **({"budget": dataclasses.asdict(result.budget)} if result.budget else {}),
             },
             indent=2,
         )

@@ -16,7 +16,13 @@ import torch
 
 from kvpack import wire
 from kvpack.client.api import CompressOptions, Tensors, check_options
-from kvpack.client.result import CompressResult, EntryInfo, LayerStats, ServerInfo
+from kvpack.client.result import (
+    BudgetChoice,
+    CompressResult,
+    EntryInfo,
+    LayerStats,
+    ServerInfo,
+)
 from kvpack.engine import STATS_KINDS, Layout, StatsKind, compress_header
 from kvpack.errors import InvalidArgument
 from kvpack.v1 import kvpack_pb2 as pb
@@ -185,6 +191,8 @@ def compress_upload(keys: Tensors, values: Tensors, options: CompressOptions) ->
 
 
 _LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerStats))
+# BudgetChoice's fields are the message's, by name.
+_BUDGET_FIELDS = tuple(f.name for f in dataclasses.fields(BudgetChoice))
 
 
 def compress_result(
@@ -209,6 +217,11 @@ def compress_result(
         token_ratio=s.token_ratio,
         compression_ratio=s.compression_ratio,
         timings_seconds=dict(s.timings_seconds),
+        budget=(
+            BudgetChoice(**{f: getattr(s.budget, f) for f in _BUDGET_FIELDS})
+            if s.HasField("budget")
+            else None
+        ),
     )
 
 

@@ -21,6 +21,25 @@ class LayerStats:
     value_rel_error: float
 
 
+@dataclass(frozen=True)
+class BudgetChoice:
+    """What budget mode chose (``target_ratio`` / ``target_bytes``): ``stored_bytes`` never
+    exceeds ``budget_bytes``; ``fp16_bytes`` is the cache's K+V size in fp16; ``token_ratio`` the
+    fraction of KV entries evicted; the error bounds and block the container was encoded with;
+    ``estimated_damage`` the damage estimate of the choice (attention-mass units, see
+    docs/ALGORITHMS.md); ``encodes`` the whole-cache encodings the final check needed."""
+
+    budget_bytes: int
+    stored_bytes: int
+    fp16_bytes: int
+    token_ratio: float
+    k_error_bound: float
+    v_error_bound: float
+    block_tokens: int
+    estimated_damage: float
+    encodes: int
+
+
 @dataclass
 class CompressResult:
     """A compressed cache.
@@ -35,6 +54,7 @@ class CompressResult:
         token_ratio: fraction of KV entries removed.
         compression_ratio: input_bytes / stored_bytes (x; 0 when not stored).
         timings_seconds: server stage -> seconds.
+        budget: what budget mode chose (None without ``target_ratio`` / ``target_bytes``).
     """
 
     keys: list[torch.Tensor]
@@ -48,6 +68,7 @@ class CompressResult:
     token_ratio: float = 0.0
     compression_ratio: float = 0.0
     timings_seconds: dict[str, float] = field(default_factory=dict)
+    budget: BudgetChoice | None = None
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,10 @@ class KVPackClient:
                 or ``window_queries``), ``policy`` with ``ratio`` or ``n_keep`` and
                 ``policy_settings``, ``quant``, ``store``, ``key``, ``model``, ``token_ids``,
                 ``return_cache`` (the composite K/V and kept indices come back on ``keys``'
-                device).
+                device); or, instead of ``ratio`` / ``n_keep`` and the error bounds, a byte
+                budget: ``target_ratio`` and/or ``target_bytes`` with an optional floor
+                ``max_ratio`` / ``max_error_bound`` (the choice comes back in
+                ``CompressResult.budget``).
 
         The upload streams while the server answers layer by layer. Never retried: a failed
         call stores nothing.

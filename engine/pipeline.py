@@ -84,6 +84,7 @@ class Compression:
         self.choice: pb.BudgetChoice | None = None
         self._damage: Callable[[float], float] | None = None
         self._ratio: float | None = None  # budget mode: the eviction ratio chosen
+        self._models: dict[QuantSettings, budget_mode.SizeModel] = {}  # the plan's trials
 
     def start(self, kind: StatsKind | None = None, stats: torch.Tensor | None = None) -> None:
         """Fix the allocation, once, before layer 0: ``stats`` is the statistics tensor the
@@ -191,6 +192,7 @@ class Compression:
         _require_finite(0, k, v)  # lossy and fixed only: the trial encodes layer 0 first
         meta = r.container_meta(0.5)
         models = [budget_mode.trial_model(k, v, s, lay.num_layers, meta) for s in r.candidates]
+        self._models = {m.settings: m for m in models}
         evicts = r.selector is not None
         self._damage = damage = budget_mode.eviction_damage(self._budget_scores, lay.num_kv_heads)
         most = target.max_ratio if evicts else 0.0
@@ -263,7 +265,7 @@ class Compression:
             int(lay.num_layers * lay.seq_len * (1 - target.max_ratio)),
         )
         while len(blob) > budget and encodes < budget_mode.MAX_ENCODES:
-            coarser = self._coarser()
+            coarser = self._coarser(len(blob))
             if coarser is not None:
                 self.quant = coarser
             else:
@@ -307,19 +309,29 @@ class Compression:
         self._ratio = ratio
         return blob
 
-    def _coarser(self) -> QuantSettings | None:
-        """The candidate predicted next smaller than the current settings (None: none is)."""
-        r = self.request
-        current = (self.quant.k_error_bound, self.quant.v_error_bound)
+    def _coarser(self, size: int) -> QuantSettings | None:
+        """The finest coarser candidate (same block) whose trial predicts ``size`` scaled
+        down to the goal, else the coarsest; None when the settings are the coarsest."""
+        target = self.request.target
+        assert target is not None
+        goal = target.budget_bytes * (1 - budget_mode.MARGIN)
+        current = self._models.get(self.quant)
         options = [
-            c
-            for c in r.candidates
-            if c.block_tokens == self.quant.block_tokens
-            and c.k_error_bound >= current[0]
-            and c.v_error_bound >= current[1]
-            and (c.k_error_bound, c.v_error_bound) != current
+            m
+            for m in self._models.values()
+            if m.settings.block_tokens == self.quant.block_tokens
+            and m.settings.k_error_bound >= self.quant.k_error_bound
+            and m.settings.v_error_bound >= self.quant.v_error_bound
+            and m.settings != self.quant
         ]
-        return min(options, key=lambda c: (c.k_error_bound, c.v_error_bound), default=None)
+        if not options or current is None:
+            return None
+        options.sort(key=lambda m: (m.settings.k_error_bound, m.settings.v_error_bound))
+        per_token = current.layer(1024, expected=True)
+        for m in options:
+            if size * m.layer(1024, expected=True) / per_token <= goal:
+                return m.settings
+        return options[-1].settings
 
     def _shrink(self, results: Sequence[LayerResult], scale: float) -> None:
         """Keep ``scale`` of every layer's composite tokens (each head its best-scored)."""

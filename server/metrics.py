@@ -21,7 +21,11 @@ from kvpack.v1 import kvpack_pb2 as pb
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 RATIO_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 ERROR_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1)
-STAGES = ("stats", "select", "gather", "encode", "decode", "store", "fetch")
+STAGES = ("stats", "select", "plan", "gather", "encode", "decode", "store", "fetch")
+#: Budget mode: the chosen eviction ratio, error bounds, and stored bytes / budget.
+TOKEN_RATIO_BUCKETS = (0, 0.25, 0.5, 0.75, 0.875, 0.9375, 0.96875, 0.99, 1)
+BOUND_BUCKETS = (0.0125, 0.025, 0.05, 0.1, 0.2, 0.25, 0.4, 0.5, 1)
+FILL_BUCKETS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.97, 0.99, 1)
 METHODS = ("Compress", "Fetch", "Put", "Delete", "Stat", "List", "Info")
 
 
@@ -68,6 +72,34 @@ class Metrics:
             "per-layer relative Frobenius error of the encoded kept entries",
             ["tensor"],
             buckets=ERROR_BUCKETS,
+            registry=r,
+        )
+        self.budget_token_ratio = Histogram(
+            "kvpack_budget_token_ratio",
+            "per budget-mode Compress: fraction of KV entries evicted by the chosen plan",
+            ["policy"],
+            buckets=TOKEN_RATIO_BUCKETS,
+            registry=r,
+        )
+        self.budget_error_bound = Histogram(
+            "kvpack_budget_error_bound",
+            "per budget-mode Compress: chosen relative error bound (fraction of a group's range)",
+            ["tensor"],
+            buckets=BOUND_BUCKETS,
+            registry=r,
+        )
+        self.budget_fill_ratio = Histogram(
+            "kvpack_budget_fill_ratio",
+            "per budget-mode Compress: stored bytes / budget bytes (never above 1)",
+            buckets=FILL_BUCKETS,
+            registry=r,
+        )
+        self.budget_bytes = Counter(
+            "kvpack_budget_bytes", "byte budgets of budget-mode Compress requests", registry=r
+        )
+        self.budget_stored_bytes = Counter(
+            "kvpack_budget_stored_bytes",
+            "container bytes stored by budget-mode Compress requests",
             registry=r,
         )
         self.stage_duration = Histogram(
@@ -121,6 +153,7 @@ class Metrics:
             self.stage_duration.labels(stage)
         for tensor in ("key", "value"):
             self.reconstruction_error.labels(tensor)
+            self.budget_error_bound.labels(tensor)
         for policy in (*policies, "none"):
             for m in (self.input_bytes, self.kept_bytes, self.output_bytes):
                 m.labels(policy)
@@ -144,6 +177,14 @@ class Metrics:
             self.reconstruction_error.labels("value").observe(layer.value_rel_error)
         self.output_bytes.labels(policy).inc(summary.stored_bytes)
         self.compression_ratio.labels(policy).observe(summary.compression_ratio)
+        if summary.HasField("budget"):
+            b = summary.budget
+            self.budget_token_ratio.labels(policy).observe(b.token_ratio)
+            self.budget_error_bound.labels("key").observe(b.k_error_bound)
+            self.budget_error_bound.labels("value").observe(b.v_error_bound)
+            self.budget_fill_ratio.observe(b.stored_bytes / max(1, b.budget_bytes))
+            self.budget_bytes.inc(b.budget_bytes)
+            self.budget_stored_bytes.inc(b.stored_bytes)
 
     def scrape(self) -> bytes:
         """The text exposition of this registry (what /metrics serves)."""
