@@ -1,17 +1,19 @@
 """Group metadata of quantised blocks: the compact anchors and steps of container format v2 and
 the fp32 minima and steps of format v1 (docs/FORMAT.md "Group metadata").
 
-v1 stores per group an fp32 minimum and an fp32 step: 64 bits, 1-2 bits per value when groups
-hold 32-64 values. v2 stores a step code (the step on a grid of 64 steps per octave, rounded
-down) and an anchor code (symbol 0's value on the lattice of step/8), 32 bits as they are and
-about 8-12 after zstd; groups where that does not fit (constant groups, tiny error bounds) are
-escapes stored as fp32 like v1.
+v1 stores per group an fp32 minimum and an fp32 step at the start of each block: 64 bits, 1-2
+bits per value when groups hold 32-64 values. v2 stores per group a step code (the step on a
+grid of 64 steps per octave, rounded down) and an anchor code (symbol 0's value on the lattice
+of step/8), 32 bits as they are, for all blocks of a stream in one metadata section; in lossy
+mode that section is one zstd frame (about 13-17 bits per group on KV caches: one frame per
+stream compresses a third better than one per block, measured in docs/FORMAT.md). Groups where
+the codes do not fit (constant groups, tiny error bounds) are escapes stored as fp32 like v1.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import zstandard
@@ -19,8 +21,7 @@ import zstandard
 from kvpack.codec import kernels, lossless
 from kvpack.codec.quant import Quantized
 
-RAW, ZSTD = 1, 2  # v2 metadata formats: the first byte of a quantised block
-_U32 = struct.Struct("<I")
+META_CODERS = ("meta-raw", "meta-zstd")  # v2 stream metadata sections
 _MANTISSA_BITS = kernels.STEP_MANTISSAS.view(np.uint32).astype(np.int64)
 # Valid step codes: exponent in [-123, 127] (kernels.floats STEP_MIN_EXP), or ESCAPE.
 _MIN_CODE = (-123 + kernels.STEP_EXP_BIAS) * 64
@@ -35,40 +36,110 @@ def _zstd() -> zstandard.ZstdCompressor:
     )
 
 
-def _body(
-    step_codes: np.ndarray, anchor_codes: np.ndarray, mn: np.ndarray, step: np.ndarray
-) -> bytes:
-    """One block's RAW metadata: the byte planes of the step codes (low bytes, then high), of
-    the anchor codes, then the escaped groups' fp32 minima and fp32 steps, all little-endian."""
-    esc = step_codes == kernels.ESCAPE
-    sc = step_codes.astype("<u2").view(np.uint8).reshape(-1, 2)
-    ac = anchor_codes.astype("<i2").view(np.uint8).reshape(-1, 2)
-    return b"".join(
-        [
-            np.ascontiguousarray(sc.T).tobytes(),
-            np.ascontiguousarray(ac.T).tobytes(),
-            mn[esc].astype("<f4").tobytes(),
-            step[esc].astype("<f4").tobytes(),
-        ]
-    )
+def _planes(codes: np.ndarray) -> bytes:
+    """16-bit codes as two byte planes: every low byte, then every high byte."""
+    pairs = np.ascontiguousarray(codes).reshape(-1).astype("<u2").view(np.uint8).reshape(-1, 2)
+    return np.ascontiguousarray(pairs.T).tobytes()
 
 
-def encode_v2(qz: Quantized, compress: bool) -> list[bytes]:
-    """Per block, its v2 metadata header: RAW, or ZSTD (u32 LE frame length, then a zstd frame
-    of the RAW body) where `compress` and that is smaller. qz must come from
-    quant.quantize_blocks(..., lattice=True)."""
-    assert qz.step_codes is not None and qz.anchor_codes is not None
-    out = []
-    zc = _zstd() if compress else None
-    for i in range(qz.mn.shape[0]):
-        body = _body(qz.step_codes[i], qz.anchor_codes[i], qz.mn[i], qz.step[i])
-        head = bytes([RAW]) + body
-        if zc is not None:
-            frame = zc.compress(body)
-            if 5 + len(frame) < len(head):
-                head = bytes([ZSTD]) + _U32.pack(len(frame)) + frame
-        out.append(head)
-    return out
+@dataclass(frozen=True)
+class StreamCodes:
+    """A stream's v2 group metadata as codes: step codes (uint16 [nb, G], ESCAPE = escaped),
+    anchor codes (int16 [nb, G]) and the escaped groups' fp32 minima and steps (float32 [E],
+    block-major group order)."""
+
+    step_codes: np.ndarray
+    anchor_codes: np.ndarray
+    escaped_mn: np.ndarray
+    escaped_step: np.ndarray
+
+    @staticmethod
+    def of(qz: Quantized) -> StreamCodes:
+        """The codes of quantize_blocks(..., lattice=True)'s result."""
+        assert qz.step_codes is not None and qz.anchor_codes is not None
+        esc = qz.step_codes == kernels.ESCAPE
+        return StreamCodes(qz.step_codes, qz.anchor_codes, qz.mn[esc], qz.step[esc])
+
+    def __add__(self, more: StreamCodes) -> StreamCodes:
+        """The codes of this stream's blocks followed by `more`'s (appending blocks)."""
+        return StreamCodes(
+            np.concatenate([self.step_codes, more.step_codes]),
+            np.concatenate([self.anchor_codes, more.anchor_codes]),
+            np.concatenate([self.escaped_mn, more.escaped_mn]),
+            np.concatenate([self.escaped_step, more.escaped_step]),
+        )
+
+    def encode(self, compress: bool) -> tuple[str, bytes]:
+        """(coder, bytes) of the stream's metadata section: the byte planes of the step codes
+        (block-major), of the anchor codes, then the escaped groups' fp32 minima and fp32 steps,
+        little-endian ("meta-raw"); "meta-zstd" is one zstd frame of those bytes, used where
+        `compress` and smaller."""
+        body = b"".join(
+            [
+                _planes(self.step_codes),
+                _planes(self.anchor_codes),
+                self.escaped_mn.astype("<f4").tobytes(),
+                self.escaped_step.astype("<f4").tobytes(),
+            ]
+        )
+        if compress and body:
+            frame = _zstd().compress(body)
+            if len(frame) < len(body):
+                return "meta-zstd", frame
+        return "meta-raw", body
+
+    @staticmethod
+    def decode(coder: str, data: bytes | memoryview, nb: int, g: int) -> StreamCodes:
+        """Parse a metadata section of nb blocks of G groups. ValueError unless it holds exactly
+        the codes and their escapes, with every step code in range."""
+        n = nb * g
+        if coder == "meta-zstd":
+            body: bytes | memoryview = lossless.zstd_bounded(data, 12 * n)
+        elif coder == "meta-raw":
+            body = data
+        else:
+            raise ValueError(f"unknown metadata coder {coder!r}")
+        if len(body) < 4 * n:
+            raise ValueError(f"metadata of {len(body)} bytes cannot hold {n} step and anchor codes")
+        planes = np.frombuffer(body, dtype=np.uint8, count=4 * n).astype(np.uint16)
+        step_codes = planes[:n] | (planes[n : 2 * n] << 8)
+        anchor_codes = (planes[2 * n : 3 * n] | (planes[3 * n :] << 8)).view(np.int16)
+        esc = step_codes == kernels.ESCAPE
+        n_esc = int(esc.sum())
+        if len(body) != 4 * n + 8 * n_esc:
+            raise ValueError(
+                f"metadata of {len(body)} bytes, {n} groups with {n_esc} escapes need "
+                f"{4 * n + 8 * n_esc}"
+            )
+        bad = ~esc & ((step_codes < _MIN_CODE) | (step_codes > _MAX_CODE))
+        if bad.any():
+            first = int(np.argmax(bad))
+            raise ValueError(f"block {first // g}: step code {int(step_codes[first])} out of range")
+        fp = np.frombuffer(body, dtype="<f4", count=2 * n_esc, offset=4 * n).astype(np.float32)
+        return StreamCodes(
+            step_codes.reshape(nb, g), anchor_codes.reshape(nb, g), fp[:n_esc], fp[n_esc:]
+        )
+
+    def values(self) -> tuple[np.ndarray, np.ndarray]:
+        """(anchors, steps) float32 [nb, G] as the kernels use them (exactly the encoder's).
+        ValueError naming the first block with a non-finite anchor or a negative step."""
+        codes = self.step_codes.reshape(-1).astype(np.int64)
+        esc = codes == kernels.ESCAPE
+        live = ~esc
+        steps = np.zeros(codes.size, dtype=np.float32)
+        anchors = np.zeros(codes.size, dtype=np.float32)
+        c = codes[live]
+        # Mantissas in [1, 2): the exponent adds to their bits (kernels.floats.step_of_code).
+        bits = _MANTISSA_BITS[c & 63] + (((c >> 6) - kernels.STEP_EXP_BIAS) << 23)
+        steps[live] = bits.astype(np.uint32).view(np.float32)
+        unit = steps[live] / np.float32(kernels.ANCHOR_DIVISOR)
+        with np.errstate(over="ignore"):
+            anchors[live] = self.anchor_codes.reshape(-1)[live].astype(np.float32) * unit
+        anchors[esc] = self.escaped_mn
+        steps[esc] = self.escaped_step
+        mn, step = anchors.reshape(self.step_codes.shape), steps.reshape(self.step_codes.shape)
+        check_values(mn, step)
+        return mn, step
 
 
 def encode_v1(qz: Quantized) -> list[bytes]:
@@ -77,86 +148,31 @@ def encode_v1(qz: Quantized) -> list[bytes]:
     return [meta[i].tobytes() for i in range(meta.shape[0])]
 
 
-def _parse_body(
-    body: bytes | memoryview, g: int, exact: bool
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """(anchors, steps) float32 [g] and the body's length from a RAW body (at least its
-    prefix); `exact`: the body must be exactly that long. ValueError when malformed."""
-    if len(body) < 4 * g:
-        raise ValueError(f"cannot hold {g} step and anchor codes")
-    planes = np.frombuffer(body, dtype=np.uint8, count=4 * g)
-    codes = planes[:g].astype(np.int64) | (planes[g : 2 * g].astype(np.int64) << 8)
-    anchors_j = planes[2 * g : 3 * g].astype(np.uint16) | (planes[3 * g :].astype(np.uint16) << 8)
-    anchors_j = anchors_j.view(np.int16).astype(np.int64)
-    esc = codes == kernels.ESCAPE
-    n_esc = int(esc.sum())
-    size = 4 * g + 8 * n_esc
-    if len(body) < size or (exact and len(body) != size):
-        raise ValueError(f"metadata of {len(body)} bytes, {n_esc} escaped groups need {size}")
-    live = ~esc
-    bad = live & ((codes < _MIN_CODE) | (codes > _MAX_CODE))
-    if bad.any():
-        raise ValueError(
-            f"group {int(np.argmax(bad))}: step code {int(codes[bad][0])} out of range"
-        )
-    steps = np.zeros(g, dtype=np.float32)
-    anchors = np.zeros(g, dtype=np.float32)
-    c = codes[live]
-    # Mantissas in [1, 2): the exponent adds to their bits (kernels.floats.step_of_code).
-    bits = _MANTISSA_BITS[c & 63] + (((c >> 6) - kernels.STEP_EXP_BIAS) << 23)
-    steps[live] = bits.astype(np.uint32).view(np.float32)
-    unit = steps[live] / np.float32(kernels.ANCHOR_DIVISOR)
-    with np.errstate(over="ignore"):
-        anchors[live] = anchors_j[live].astype(np.float32) * unit
-    if n_esc:
-        fp = np.frombuffer(body, dtype="<f4", count=2 * n_esc, offset=4 * g)
-        anchors[esc] = fp[:n_esc]
-        steps[esc] = fp[n_esc:]
-    return anchors, steps, size
+def decode_stream_meta(
+    coder: str, data: bytes | memoryview, nb: int, g: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(anchors, steps) float32 [nb, G] from a v2 stream metadata section; ValueError when
+    malformed (StreamCodes.decode, StreamCodes.values)."""
+    return StreamCodes.decode(coder, data, nb, g).values()
 
 
-def decode_meta(
-    blocks: Sequence[bytes | memoryview], g: int, version: int
-) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """(anchors float32 [nb, G], steps float32 [nb, G], metadata bytes per block) of quantised
-    block sections of container `version`. ValueError naming the first bad block: too short, an
-    unknown metadata format, a zstd frame that does not decode to its body, a code out of
-    range, a non-finite anchor or step, a negative step."""
-    nb = len(blocks)
-    if version == 1:
-        head = 8 * g
-        short = [i for i, data in enumerate(blocks) if len(data) < head]
-        if short:
-            raise ValueError(f"block {short[0]}: cannot hold {g} group minima and steps")
-        raw = b"".join([data[:head] for data in blocks])
-        meta = np.frombuffer(raw, dtype="<f4").reshape(nb, 2 * g).astype(np.float32)
-        mn, step, heads = meta[:, :g], meta[:, g:], [head] * nb
-    else:
-        mn = np.empty((nb, g), dtype=np.float32)
-        step = np.empty((nb, g), dtype=np.float32)
-        heads = []
-        for i, data in enumerate(blocks):
-            try:
-                if len(data) < 1:
-                    raise ValueError("empty block")
-                fmt = data[0]
-                if fmt == RAW:
-                    mn[i], step[i], size = _parse_body(data[1:], g, exact=False)
-                    heads.append(1 + size)
-                elif fmt == ZSTD:
-                    if len(data) < 5:
-                        raise ValueError("truncated metadata frame length")
-                    (flen,) = _U32.unpack_from(data, 1)
-                    if 5 + flen > len(data):
-                        raise ValueError(f"metadata frame of {flen} bytes exceeds the block")
-                    body = lossless.zstd_bounded(data[5 : 5 + flen], 12 * g)
-                    mn[i], step[i], _ = _parse_body(body, g, exact=True)
-                    heads.append(5 + flen)
-                else:
-                    raise ValueError(f"unknown metadata format {fmt}")
-            except ValueError as err:
-                raise ValueError(f"block {i}: {err}") from None
+def check_values(mn: np.ndarray, step: np.ndarray) -> None:
+    """ValueError naming the first block [nb, G] with a non-finite anchor or step, or a negative
+    step."""
     bad = ~np.isfinite(mn).all(axis=1) | ~np.isfinite(step).all(axis=1) | (step < 0).any(axis=1)
     if bad.any():
         raise ValueError(f"block {int(np.argmax(bad))}: non-finite group minimum or negative step")
-    return mn, step, heads
+
+
+def decode_v1(blocks: Sequence[bytes | memoryview], g: int) -> tuple[np.ndarray, np.ndarray]:
+    """(minima, steps) float32 [nb, G] from v1 block sections (G fp32 minima, G fp32 steps
+    first in each). ValueError naming the first bad block."""
+    head = 8 * g
+    short = [i for i, data in enumerate(blocks) if len(data) < head]
+    if short:
+        raise ValueError(f"block {short[0]}: cannot hold {g} group minima and steps")
+    raw = b"".join([data[:head] for data in blocks])
+    meta = np.frombuffer(raw, dtype="<f4").reshape(len(blocks), 2 * g).astype(np.float32)
+    mn, step = meta[:, :g], meta[:, g:]
+    check_values(mn, step)
+    return mn, step

@@ -17,7 +17,7 @@ from kvpack.codec.format_error import FormatError
 from kvpack.codec.layer_codec import crc32, decode_indices
 from kvpack.codec.rawbytes import itemsize
 from kvpack.codec.stream import StreamSpec
-from kvpack.codec.stream_decode import Block, check_block, decode_stream
+from kvpack.codec.stream_decode import Block, check_stream, decode_stream
 
 Sections = dict[str, memoryview]
 
@@ -44,6 +44,11 @@ def _blocks(e: LayerEntry, kind: str, sections: Sections) -> list[Block]:
     return [(r.coder, sections[f"{label} block {i}"]) for i, r in enumerate(refs)]
 
 
+def _meta(e: LayerEntry, kind: str, sections: Sections) -> Block | None:
+    ref = e.k_meta if kind == "k" else e.v_meta
+    return None if ref is None else (ref.coder, sections[f"{kind.upper()} metadata"])
+
+
 def _check_entry(view: memoryview, header: ContainerHeader, e: LayerEntry) -> None:
     """Checksums and structure of every section of one layer (no tensor decoding)."""
     s = e.settings
@@ -52,11 +57,17 @@ def _check_entry(view: memoryview, header: ContainerHeader, e: LayerEntry) -> No
     for kind, shape, book in (("k", e.k_shape, e.k_codebook), ("v", e.v_shape, e.v_codebook)):
         spec = StreamSpec.of(kind, s)
         label = kind.upper()
-        for i, block in enumerate(_blocks(e, kind, sections)):
-            try:
-                check_block(spec, block, shape, header.dtype, book, header.version)
-            except ValueError as err:
-                raise FormatError(f"layer {e.layer} {label} block {i}: {err}") from None
+        try:
+            check_stream(
+                spec,
+                _blocks(e, kind, sections),
+                shape,
+                header.dtype,
+                book,
+                _meta(e, kind, sections),
+            )
+        except ValueError as err:
+            raise FormatError(f"layer {e.layer} {label} {err}") from None
         n_tail = shape[2] - spec.encoded_tokens(shape[2])
         try:
             lossless.check_frame(
@@ -123,7 +134,7 @@ def _decode_part(
             book,
             device,
             out,
-            header.version,
+            _meta(e, kind, sections),
         )
     except FormatError:
         raise

@@ -6,10 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
+from kvpack.codec.block_meta import StreamCodes
 from kvpack.codec.container_decode import decode_tails, payload
 from kvpack.codec.container_format import ContainerHeader, LayerEntry, SectionRef
 from kvpack.codec.container_read import read_header
 from kvpack.codec.container_write import write
+from kvpack.codec.format_error import FormatError
 from kvpack.codec.layer_codec import (
     EncodedLayer,
     Section,
@@ -41,7 +43,30 @@ def _copied(view: memoryview, header: ContainerHeader, e: LayerEntry) -> Encoded
         sec("V window", e.v_window),
         None,
         header.version,
+        sec("K metadata", e.k_meta) if e.k_meta is not None else None,
+        sec("V metadata", e.v_meta) if e.v_meta is not None else None,
     )
+
+
+def _merged_meta(
+    spec: StreamSpec,
+    shape: tuple[int, int, int, int],
+    counts: tuple[int, int],
+    old: Section | None,
+    new: Section | None,
+) -> Section | None:
+    """The v2 metadata section of a stream's existing blocks (counts[0] of them) followed by its
+    new ones (counts[1]): both are exact codes, so the merge is exact too. None for streams
+    without one (v1, lossless)."""
+    if old is None or new is None:
+        return None
+    g, _ = spec.group_shape(shape)
+    try:
+        before = StreamCodes.decode(old.coder, old.data, counts[0], g)
+    except ValueError as err:
+        raise FormatError(f"{spec.kind.upper()} metadata: {err}") from None
+    after = StreamCodes.decode(new.coder, new.data, counts[1], g)
+    return Section.of(*(before + after).encode(compress=spec.mode == "lossy"))
 
 
 def slice_layers(blob: bytes | bytearray | memoryview, start: int, end: int) -> bytes:
@@ -86,12 +111,16 @@ def append(
         v_all = torch.cat([tail[1], nv.detach().to("cpu")], dim=2)
         n_total = e.k_shape[2] + m
         outs = []
-        for kind, x, nb_old, book in (
-            ("k", k_all, len(e.k_blocks), e.k_codebook),
-            ("v", v_all, len(e.v_blocks), e.v_codebook),
+        metas: list[Section | None] = []
+        for kind, x, nb_old, book, old_meta, shape in (
+            ("k", k_all, len(e.k_blocks), e.k_codebook, cur.k_meta, e.k_shape),
+            ("v", v_all, len(e.v_blocks), e.v_codebook, cur.v_meta, e.v_shape),
         ):
             spec = StreamSpec.of(kind, s)
-            outs.append(encode_stream(spec, x, book, spec.blocks(n_total) - nb_old, header.version))
+            out = encode_stream(spec, x, book, spec.blocks(n_total) - nb_old, header.version)
+            outs.append(out)
+            counts_kv = (nb_old, len(out.blocks))
+            metas.append(_merged_meta(spec, shape, counts_kv, old_meta, out.meta))
         idx = cur.indices
         if idx is not None:
             old_idx = decode_indices(idx.data, e.k_shape[:3], None)
@@ -117,6 +146,8 @@ def append(
                     outs[1].window,
                     None,
                     header.version,
+                    metas[0],
+                    metas[1],
                 ),
             )
         )

@@ -62,11 +62,16 @@ class LayerEntry:
     k_window: SectionRef
     v_window: SectionRef
     settings: QuantSettings
+    k_meta: SectionRef | None = None  # v2 quantised streams: their blocks' group metadata
+    v_meta: SectionRef | None = None
 
     def named_sections(self) -> list[tuple[str, SectionRef]]:
-        """(name for error messages, ref) in container order."""
+        """(name for error messages, ref) in container order: indices, K metadata, K blocks, V
+        metadata, V blocks, K window, V window (absent ones left out)."""
         out = [("indices", self.indices)] if self.indices is not None else []
+        out += [("K metadata", self.k_meta)] if self.k_meta is not None else []
         out += [(f"K block {i}", r) for i, r in enumerate(self.k_blocks)]
+        out += [("V metadata", self.v_meta)] if self.v_meta is not None else []
         out += [(f"V block {i}", r) for i, r in enumerate(self.v_blocks)]
         return [*out, ("K window", self.k_window), ("V window", self.v_window)]
 

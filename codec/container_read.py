@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from kvpack.codec import huffman, quant
+from kvpack.codec.block_meta import META_CODERS
 from kvpack.codec.container_format import (
     _PREFIX,
     _STREAM_CODERS,
@@ -88,6 +89,8 @@ def _entry(value: object, pos: int, base: QuantSettings, dtype: str, version: in
         raise FormatError(f"header: layers[{pos}] must be an object")
     keys = {"layer", "k_shape", "v_shape", "k_codebook", "v_codebook", "indices"}
     keys |= {"k_blocks", "v_blocks", "k_window", "v_window"}
+    if version >= 2:
+        keys |= {"k_meta", "v_meta"}
     # v2: a layer encoded with other settings than the container's records the fields that differ.
     has_own = version >= 2 and "settings" in value
     if set(value) != keys | ({"settings"} if has_own else set()):
@@ -121,6 +124,16 @@ def _entry(value: object, pos: int, base: QuantSettings, dtype: str, version: in
         blocks.append(
             tuple(_ref(r, f"{at} {kind.upper()} block {i}", coders) for i, r in enumerate(raw))
         )
+    metas: list[SectionRef | None] = [None, None]
+    if version >= 2:
+        quantised = settings.mode != "lossless"
+        for pos_kv, kind in enumerate(("k", "v")):
+            raw = value[f"{kind}_meta"]
+            if (raw is None) == quantised:
+                need = "needs" if quantised else "cannot have"
+                raise FormatError(f"header: {at} mode {settings.mode!r} {need} {kind}_meta")
+            if raw is not None:
+                metas[pos_kv] = _ref(raw, f"{at} {kind.upper()} metadata", META_CODERS)
     indices = value["indices"]
     entry = LayerEntry(
         number,
@@ -134,6 +147,8 @@ def _entry(value: object, pos: int, base: QuantSettings, dtype: str, version: in
         _ref(value["k_window"], f"{at} K window", ("lossless",)),
         _ref(value["v_window"], f"{at} V window", ("lossless",)),
         settings,
+        metas[0],
+        metas[1],
     )
     raw_bytes = (math.prod(k_shape) + math.prod(v_shape)) * itemsize(dtype)
     if raw_bytes > MAX_EXPANSION * (entry.stored_bytes + 1024):

@@ -61,8 +61,14 @@ def write(
             "k_codebook": list(lay.k_codebook) if lay.k_codebook is not None else None,
             "v_codebook": list(lay.v_codebook) if lay.v_codebook is not None else None,
         }
+        if (lay.k_meta is None) != (version < 2 or lay.settings.mode == "lossless"):
+            raise ValueError(f"layer {number}: group metadata sections do not match its format")
         entry["indices"] = place(lay.indices) if lay.indices is not None else None
+        if version >= 2:
+            entry["k_meta"] = place(lay.k_meta) if lay.k_meta is not None else None
         entry["k_blocks"] = [place(s) for s in lay.k_blocks]
+        if version >= 2:
+            entry["v_meta"] = place(lay.v_meta) if lay.v_meta is not None else None
         entry["v_blocks"] = [place(s) for s in lay.v_blocks]
         entry["k_window"] = place(lay.k_window)
         entry["v_window"] = place(lay.v_window)

@@ -78,12 +78,32 @@ class EncodedLayer:
     v_window: Section
     stats: LayerStats | None
     version: int = VERSION  # container format its block sections are laid out for
+    # v2 quantised streams: the group metadata of all of the stream's blocks (block_meta).
+    k_meta: Section | None = None
+    v_meta: Section | None = None
 
     @property
     def sections(self) -> list[Section]:
-        """Sections in container order: indices, K blocks, V blocks, K window, V window."""
-        head = [self.indices] if self.indices is not None else []
-        return [*head, *self.k_blocks, *self.v_blocks, self.k_window, self.v_window]
+        """Sections in container order: indices, K metadata, K blocks, V metadata, V blocks, K
+        window, V window (absent ones left out)."""
+        return [
+            s
+            for s in (
+                self.indices,
+                self.k_meta,
+                *self.k_blocks,
+                self.v_meta,
+                *self.v_blocks,
+                self.k_window,
+                self.v_window,
+            )
+            if s is not None
+        ]
+
+    def stream_bytes(self, kind: str) -> int:
+        """Bytes of stream `kind`'s ("k"/"v") blocks and metadata (its window left out)."""
+        blocks, meta = (self.k_blocks, self.k_meta) if kind == "k" else (self.v_blocks, self.v_meta)
+        return sum(len(b.data) for b in blocks) + (len(meta.data) if meta is not None else 0)
 
     @property
     def nbytes(self) -> int:
@@ -112,6 +132,7 @@ class _StreamOut:
     symbols: int
     coded_bits: int
     entropy_bits: float
+    meta: Section | None = None
 
 
 def _window_section(tail: torch.Tensor) -> Section:
@@ -146,16 +167,16 @@ def encode_stream(
     sq_norm = qz.sq_norm + float(tail.to(torch.float64).square().sum())
     lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
     coded = entropy.encode_symbol_blocks(qz.symbols, qz.counts, spec, lengths, qz.hist)
-    # Lossy entropy-codes the metadata too; fixed (the fixed-width baseline) stores it raw.
-    heads = (
-        block_meta.encode_v2(qz, compress=spec.mode == "lossy")
-        if lattice
-        else block_meta.encode_v1(qz)
-    )
-    blocks = [
-        Section.of(coder, heads[i] + payload)
-        for i, (coder, payload) in enumerate(zip(coded.coders, coded.payloads, strict=True))
-    ]
+    meta = None
+    if lattice:  # one metadata section; lossy entropy-codes it, fixed (the baseline) keeps it raw
+        meta = Section.of(*block_meta.StreamCodes.of(qz).encode(compress=spec.mode == "lossy"))
+        blocks = [Section.of(c, p) for c, p in zip(coded.coders, coded.payloads, strict=True)]
+    else:
+        heads = block_meta.encode_v1(qz)
+        blocks = [
+            Section.of(coder, heads[i] + payload)
+            for i, (coder, payload) in enumerate(zip(coded.coders, coded.payloads, strict=True))
+        ]
     coded_bits = 8 * sum(len(p) for p in coded.payloads)
     new_book = tuple(int(v) for v in coded.lengths) if coded.lengths is not None else codebook
     return _StreamOut(
@@ -168,6 +189,7 @@ def encode_stream(
         int(qz.symbols.size),
         coded_bits,
         entropy.histogram_bits(coded.histogram),
+        meta,
     )
 
 
@@ -247,6 +269,8 @@ def encode_layer(
         vo.window,
         None,
         version,
+        ko.meta,
+        vo.meta,
     )
     stats = LayerStats(
         key_max_abs_error=ko.max_err,

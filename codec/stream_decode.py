@@ -20,12 +20,16 @@ Block = tuple[str, bytes | memoryview]  # (coder, section bytes)
 
 
 def stream_meta(
-    spec: StreamSpec, blocks: Sequence[Block], shape: tuple[int, int, int, int], version: int
+    spec: StreamSpec,
+    blocks: Sequence[Block],
+    shape: tuple[int, int, int, int],
+    meta: Block | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
     """(anchors float32 [nb, G], steps float32 [nb, G], symbol counts int64 [nb], metadata
-    bytes per block) of a quantised stream's blocks in container `version` (block_meta).
-    ValueError naming the first bad block: malformed metadata, a coder of another mode, a
-    non-finite anchor or step, or a negative step."""
+    bytes at the start of each block) of a quantised stream's blocks: from its v2 metadata
+    section `meta` (coder, bytes), or from each block's start (v1, meta None). ValueError
+    naming the first bad block: malformed metadata, a coder of another mode, a non-finite
+    anchor or step, or a negative step."""
     g, m = spec.group_shape(shape)
     fixed = spec.mode == "fixed"
     wrong = [i for i, (coder, _) in enumerate(blocks) if (coder == "fixed") != fixed]
@@ -33,33 +37,47 @@ def stream_meta(
         raise ValueError(
             f"block {wrong[0]}: coder {blocks[wrong[0]][0]!r} does not belong to mode {spec.mode!r}"
         )
-    mn, step, heads = block_meta.decode_meta([data for _, data in blocks], g, version)
+    if meta is None:
+        mn, step = block_meta.decode_v1([data for _, data in blocks], g)
+        heads = [8 * g] * len(blocks)
+    else:
+        try:
+            mn, step = block_meta.decode_stream_meta(meta[0], meta[1], len(blocks), g)
+        except ValueError as err:
+            raise ValueError(f"metadata: {err}") from None
+        heads = [0] * len(blocks)
     counts = (step != 0).sum(axis=1).astype(np.int64) * m
     return mn, step, counts, heads
 
 
-def check_block(
+def check_stream(
     spec: StreamSpec,
-    block: Block,
+    blocks: Sequence[Block],
     shape: tuple[int, int, int, int],
     dtype: str,
     codebook: tuple[int, ...] | None,
-    version: int,
-) -> int:
-    """Structural check of one block of container `version` (sizes, metadata, coder framing; no
-    symbol decoding). Returns the number of coded symbols. ValueError subclasses on any
+    meta: Block | None,
+) -> None:
+    """Structural check of a stream's blocks and metadata (sizes, metadata values, coder
+    framing; no symbol decoding). ValueError subclasses naming the block on any
     inconsistency."""
-    coder, data = block
     b, h, _, d = shape
     if spec.mode == "lossless":
-        if coder != "lossless":
-            raise ValueError(f"coder {coder!r} in a lossless container")
-        lossless.check_frame(data, b * h * spec.block_tokens * d * itemsize(dtype))
-        return 0
-    _, _, counts, heads = stream_meta(spec, [block], shape, version)
+        for i, (coder, data) in enumerate(blocks):
+            try:
+                if coder != "lossless":
+                    raise ValueError(f"coder {coder!r} in a lossless container")
+                lossless.check_frame(data, b * h * spec.block_tokens * d * itemsize(dtype))
+            except ValueError as err:
+                raise ValueError(f"block {i}: {err}") from None
+        return
+    _, _, counts, heads = stream_meta(spec, blocks, shape, meta)
     lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
-    entropy.check_symbol_block(coder, data[heads[0] :], int(counts[0]), spec, lengths)
-    return int(counts[0])
+    for i, ((coder, data), head) in enumerate(zip(blocks, heads, strict=True)):
+        try:
+            entropy.check_symbol_block(coder, data[head:], int(counts[i]), spec, lengths)
+        except ValueError as err:
+            raise ValueError(f"block {i}: {err}") from None
 
 
 def _unshuffle_into(payload: bytes | memoryview, out: torch.Tensor) -> None:
@@ -80,14 +98,14 @@ def decode_stream(
     codebook: tuple[int, ...] | None,
     device: torch.device | str | None,
     out: torch.Tensor | None = None,
-    version: int = 2,
+    meta: Block | None = None,
 ) -> torch.Tensor:
     """Decode one stream to a tensor of `shape` [B, H, n, d] and `dtype` on `device`, written
     into `out` when given (a CPU tensor of that shape and dtype, any strides; no allocation
-    and no first-touch page faults when it is reused). `version`: the container format of the
-    blocks. Block metadata, coder framing, Huffman
-    codes and symbol ranges are all checked while decoding; ValueError subclasses on any
-    inconsistency."""
+    and no first-touch page faults when it is reused). `meta`: the stream's v2 metadata section
+    (coder, bytes); None for v1 blocks, which start with their own. Block metadata, coder
+    framing, Huffman codes and symbol ranges are all checked while decoding; ValueError
+    subclasses on any inconsistency."""
     b, h, n, d = shape
     t = spec.block_tokens
     nb = len(blocks)
@@ -109,7 +127,7 @@ def decode_stream(
             _unshuffle_into(data, part)
             out[:, :, i * t : (i + 1) * t].copy_(part)
     elif nb:
-        mn, step, counts, heads = stream_meta(spec, blocks, shape, version)
+        mn, step, counts, heads = stream_meta(spec, blocks, shape, meta)
         lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
         payloads = [p[head:] for (_, p), head in zip(blocks, heads, strict=True)]
         syms = entropy.decode_symbol_blocks([c for c, _ in blocks], payloads, counts, spec, lengths)
