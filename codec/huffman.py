@@ -9,12 +9,14 @@ the table alone) and the table lets a decoder check every lane ends exactly wher
 
 from __future__ import annotations
 
+import functools
 import heapq
 from collections.abc import Sequence
 
 import numpy as np
 
 from kvpack.codec import kernels
+from kvpack.codec.kernels.huffman_decode_u8 import huffman_decode_u8, multi_table_u8
 
 MAX_BITS = 16
 LANE_SYMBOLS = 1024
@@ -141,6 +143,8 @@ def encode_blocks(symbols: np.ndarray, counts: np.ndarray, lengths: np.ndarray) 
     symbols = _as_symbols(symbols)
     if symbols.size != int(counts.sum()):
         raise ValueError(f"{symbols.size} symbols, block counts add up to {int(counts.sum())}")
+    if symbols.size and int(symbols.max()) >= len(lengths):  # the kernel relies on it
+        raise HuffmanError("a symbol has no code in this codebook")
     # Tables span the whole symbol dtype, so a symbol beyond the codebook reads length 0 (an
     # error) instead of indexing past the table.
     table = np.zeros(1 << (8 * symbols.itemsize), dtype=np.int64)
@@ -148,8 +152,8 @@ def encode_blocks(symbols: np.ndarray, counts: np.ndarray, lengths: np.ndarray) 
     nlanes = -(-counts // LANE_SYMBOLS)
     room = 2 * nlanes + 2 * counts  # lane table + at most 16 bits per symbol
     starts = np.concatenate(([0], np.cumsum(room)[:-1])).astype(np.int64)
-    out = np.empty(int(room.sum()), dtype=np.uint8)
-    sizes = kernels.huffman_encode(symbols, counts, table, LANE_SYMBOLS, out, starts)
+    out = np.empty(int(room.sum()) + 8, dtype=np.uint8)  # + 8: the writer stores 8 bytes
+    sizes = kernels.huffman_encode(symbols, counts, table, len(lengths), LANE_SYMBOLS, out, starts)
     if len(sizes) and sizes[0] < 0:
         raise HuffmanError("a symbol has no code in this codebook")
     return [out[a : a + n].tobytes() for a, n in zip(starts.tolist(), sizes.tolist(), strict=True)]
@@ -195,34 +199,39 @@ def decode_blocks(
     writes block b to out[out_pos[b]:] (uint8 for codebooks of <= 256 symbols, or uint16) and
     returns `out`.
 
-    One compiled pass over all lanes of all blocks (up to three codes per table lookup).
-    HuffmanError if a lane table or stream length is inconsistent, any lane holds an invalid
-    code, or a lane does not end exactly at its stored bit length.
+    One compiled pass over all lanes of all blocks: up to four codes per table lookup into
+    uint8 output (kernels/huffman_decode_u8.py, also used for the uint16 result of small
+    codebooks), else up to three (kernels/huffman_decode.py). HuffmanError if a lane table or
+    stream length is inconsistent, any lane holds an invalid code, or a lane does not end
+    exactly at its stored bit length.
     """
     count_arr = np.asarray(counts, dtype=np.int64)
+    widen = out is None and len(lengths) <= 256
     if out is None:
-        out = np.empty(int(count_arr.sum()), dtype=np.uint16)
+        out = np.empty(int(count_arr.sum()), dtype=np.uint8 if widen else np.uint16)
         out_pos = np.concatenate(([0], np.cumsum(count_arr)[:-1])).astype(np.int64)
     elif out_pos is None or len(out_pos) != len(count_arr):
         raise ValueError("out_pos must give one output position per block")
     elif out.dtype == np.uint8 and len(lengths) > 256:
         raise ValueError("uint8 output needs a codebook of at most 256 symbols")
     if not len(count_arr) or int(count_arr.sum()) == 0:
-        return out
-    table = decode_table(lengths)
+        return out.astype(np.uint16) if widen else out
+    u8 = out.dtype == np.uint8
+    table, multi = _tables(np.asarray(lengths, dtype=np.uint8).tobytes(), u8)
     sizes = [len(p) for p in payloads]
     offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
     # A corrupt lane may run up to LANE_SYMBOLS * MAX_BITS bits past its end before the
     # end-of-lane check catches it: pad so those reads stay inside the buffer.
     pad = bytes(LANE_SYMBOLS * MAX_BITS // 8 + 8)
     buf = np.frombuffer(b"".join([*payloads, pad]), dtype=np.uint8)
-    bad = kernels.huffman_decode(
+    kernel = huffman_decode_u8 if u8 else kernels.huffman_decode
+    bad = kernel(
         buf,
         offsets,
         count_arr,
         np.asarray(out_pos, dtype=np.int64),
         table,
-        kernels.multi_table(table, MAX_BITS),
+        multi,
         LANE_SYMBOLS,
         MAX_BITS,
         out,
@@ -230,4 +239,15 @@ def decode_blocks(
     if bad >= 0:
         split_payload(payloads[bad], counts[bad])  # raises the specific framing error, if any
         raise HuffmanError(f"block {bad}: invalid code or lane length mismatch in Huffman stream")
-    return out
+    return out.astype(np.uint16) if widen else out
+
+
+@functools.lru_cache(maxsize=64)
+def _tables(lengths: bytes, u8: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(single-code table, multi-code table) of the codebook with code lengths `lengths` (uint8
+    bytes) for the uint8 (`u8`) or the uint16 decoder. Cached: a cache's layers mostly share a
+    few codebooks, and building both costs ~0.1 ms, which is most of a small stream's decode.
+    The kernels only read them, so threads share them."""
+    table = decode_table(np.frombuffer(lengths, dtype=np.uint8))
+    multi = multi_table_u8(table, MAX_BITS) if u8 else kernels.multi_table(table, MAX_BITS)
+    return table, multi

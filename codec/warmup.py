@@ -16,7 +16,9 @@ def warm_up() -> None:
         counts = np.array([4], dtype=np.int64)
         lengths = huffman.code_lengths(kernels.block_histograms(syms, counts, 3)[0])
         payloads = huffman.encode_blocks(syms, counts, lengths)
-        huffman.decode_blocks(payloads, [4], lengths)
+        huffman.decode_blocks(payloads, [4], lengths)  # the uint8 decoder
+        wide = np.empty(4, dtype=np.uint16)
+        huffman.decode_blocks(payloads, [4], lengths, wide, np.zeros(1, dtype=np.int64))
         kernels.unpack_fixed(kernels.pack_fixed(syms, 2), 4, 2)
     # Every float dtype, uint8 and uint16 symbols, and both array layouts numba tells apart
     # (one block of one head is C-contiguous once transposed; anything larger is strided).

@@ -1,0 +1,107 @@
+"""The byte-symbol Huffman decoder (kernels/huffman_decode_u8.py) and the pair-table encoder:
+same symbols as the uint16 decoder, every damaged lane rejected or caught, nothing written
+outside a block's output range, cached decode tables shared safely."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from kvpack.codec import huffman
+
+
+def _skewed(n: int, alphabet: int, p: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Geometric symbols: short codes plus codes longer than the 12-bit multi-symbol window."""
+    rng = np.random.default_rng(seed)
+    syms = np.minimum(rng.geometric(p, n) - 1, alphabet - 1).astype(np.uint8)
+    return syms, huffman.code_lengths(np.bincount(syms, minlength=alphabet))
+
+
+def _decode_u8(payloads: list[bytes], counts: list[int], lengths: np.ndarray) -> np.ndarray:
+    # Canaries around and between the blocks' output ranges: nothing may touch them.
+    gap = 5
+    out = np.full(sum(counts) + gap * (len(counts) + 1), 0xAB, dtype=np.uint8)
+    pos = np.cumsum([gap] + [c + gap for c in counts[:-1]]).astype(np.int64)
+    huffman.decode_blocks(payloads, counts, lengths, out, pos)
+    for p in pos.tolist():
+        assert (out[p - gap : p] == 0xAB).all()
+    assert (out[-gap:] == 0xAB).all()
+    return np.concatenate([out[p : p + c] for p, c in zip(pos.tolist(), counts, strict=True)])
+
+
+@pytest.mark.parametrize(
+    ("alphabet", "p"),
+    [(2, 0.5), (11, 0.3), (21, 0.2), (64, 0.1), (65, 0.1), (200, 0.08), (256, 0.05)],
+)
+def test_byte_decoder_equals_wide_decoder(alphabet: int, p: float) -> None:
+    # Blocks of 0, 1, 3, 4 full lanes + a short lane, 9 full lanes (4 + 4 + 1) and a partial one.
+    lane = huffman.LANE_SYMBOLS
+    counts = [1, 3, 4 * lane + 5, 0, 9 * lane + 777, lane, 2 * lane]
+    syms, lengths = _skewed(sum(counts), alphabet, p, seed=alphabet)
+    payloads = huffman.encode_blocks(syms, np.array(counts), lengths)
+    wide = np.empty(len(syms), dtype=np.uint16)
+    pos = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+    huffman.decode_blocks(payloads, counts, lengths, wide, pos)  # the uint16 kernel
+    assert np.array_equal(wide, syms)
+    assert np.array_equal(_decode_u8(payloads, counts, lengths), syms)
+
+
+def test_byte_decoder_rejects_damage_and_stays_in_bounds() -> None:
+    n = 9 * huffman.LANE_SYMBOLS + 333
+    syms, lengths = _skewed(n, 200, 0.08, seed=7)
+    assert int(lengths.max()) > 12  # the single-code path runs too
+    (payload,) = huffman.encode_blocks(syms, np.array([n]), lengths)
+    table = 2 * (-(-n // huffman.LANE_SYMBOLS))
+    rng = np.random.default_rng(8)
+    rejected = 0
+    for _ in range(200):
+        bad = bytearray(payload)
+        pos = int(rng.integers(table, len(bad)))
+        bad[pos] ^= 1 << int(rng.integers(8))
+        try:
+            got = _decode_u8([bytes(bad)], [n], lengths)
+        except huffman.HuffmanError:
+            rejected += 1
+        else:  # resynchronised onto the stored lane lengths: the crc32 catches these
+            assert not np.array_equal(got, syms)
+    assert rejected > 0
+    for cut in (payload[:-1], payload + b"\0"):
+        with pytest.raises(huffman.HuffmanError):
+            _decode_u8([cut], [n], lengths)
+    bad = bytearray(payload)
+    bad[0:2], bad[2:4] = payload[2:4], payload[0:2]
+    if bad != payload:
+        with pytest.raises(huffman.HuffmanError):
+            _decode_u8([bytes(bad)], [n], lengths)
+
+
+def test_invalid_code_in_incomplete_codebook_is_rejected() -> None:
+    lengths = np.array([1, 2, 0], dtype=np.uint8)  # codes 0, 10; "11" starts no code
+    n = 4 * huffman.LANE_SYMBOLS
+    syms = np.tile(np.array([0, 1], dtype=np.uint8), n // 2)
+    (payload,) = huffman.encode_blocks(syms, np.array([n]), lengths)
+    assert np.array_equal(_decode_u8([payload], [n], lengths), syms)
+    bad = bytearray(payload)
+    bad[8 + 100] = 0xFF  # eight 1 bits: "11" is no code
+    with pytest.raises(huffman.HuffmanError):
+        _decode_u8([bytes(bad)], [n], lengths)
+
+
+def test_encoder_rejects_symbols_outside_the_codebook() -> None:
+    lengths = np.array([1, 1], dtype=np.uint8)
+    with pytest.raises(huffman.HuffmanError):
+        huffman.encode_blocks(np.array([0, 1, 2], dtype=np.uint8), np.array([3]), lengths)
+
+
+def test_threads_share_cached_tables() -> None:
+    syms, lengths = _skewed(20 * huffman.LANE_SYMBOLS, 21, 0.2, seed=3)
+    counts = [len(syms) // 4] * 4
+    payloads = huffman.encode_blocks(syms, np.array(counts), lengths)
+
+    def run(_: int) -> bool:
+        return bool(np.array_equal(_decode_u8(payloads, counts, lengths), syms))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(run, range(16)))
