@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,7 +28,9 @@ from kvpack.codec import (
     slice_layers,
     verify,
 )
+from tests.codec.test_quant import check_bound
 
+GOLDEN = Path(__file__).parent / "golden"
 SMALL = QuantSettings(block_tokens=16, k_window=8, v_window=20)
 
 
@@ -219,3 +224,133 @@ def test_encode_rejects_bad_input() -> None:
         encode([k], [k], meta={"a": 1})  # type: ignore[dict-item]
     with pytest.raises(ValueError):
         encode([k], [k], indices=[torch.zeros(1, 2, 9, dtype=torch.int64)])
+
+
+def test_per_layer_settings_are_recorded_and_decoded() -> None:
+    ks, vs, idx = ragged_cache(dtype=torch.float32)
+    base = QuantSettings(block_tokens=16)
+    own = [
+        base,
+        QuantSettings(block_tokens=16, k_error_bound=0.2, v_error_bound=0.4),
+        QuantSettings(block_tokens=8, k_error_bound=0.013, k_grouping="block", k_window=5),
+    ]
+    blob = encode(ks, vs, indices=idx, settings=base, layer_settings=own, seq_len=200)
+    header = verify(blob)
+    assert header.settings == base and header.layer_settings == own
+    layers = json.loads(blob[16 : 16 + struct.unpack_from("<I", blob, 8)[0]])["layers"]
+    assert "settings" not in layers[0]  # only layers that differ record their fields
+    assert layers[1]["settings"] == {"k_error_bound": "0.2", "v_error_bound": "0.4"}
+    out = decode(blob)
+    for i, s in enumerate(own):
+        check_bound(ks[i], out.keys[i], "k", s)
+        check_bound(vs[i], out.values[i], "v", s)
+    assert read_header(slice_layers(blob, 1, 3)).layer_settings == own[1:]
+    grown = append(blob, [k[:, :, :20] for k in ks], [v[:, :, :20] for v in vs])
+    assert verify(grown).layer_settings == own
+    blocked = (50 - 5) // 8 * 8  # layer 2's K tokens in blocks, kept byte for byte
+    assert torch.equal(decode(grown).keys[2][:, :, :blocked], out.keys[2][:, :, :blocked])
+    with pytest.raises(ValueError, match="layer_settings"):
+        encode(ks, vs, layer_settings=own[:2])
+
+
+def test_v1_containers_decode_and_append_as_v1() -> None:
+    blob = (GOLDEN / "lossy_fp16_channel.kvpk").read_bytes()
+    header = verify(blob)
+    assert header.version == 1 and all(e.k_meta is None for e in header.entries)
+    before = decode(blob)
+    gen = torch.Generator().manual_seed(3)
+    new_k = [torch.randn(1, 2, 30, 8, generator=gen).half() for _ in range(2)]
+    new_v = [torch.randn(1, 2, 30, 4, generator=gen).half() for _ in range(2)]
+    grown = append(blob, new_k, new_v)
+    assert verify(grown).version == 1
+    after = decode(grown)
+    blocked = len(header.entries[0].k_blocks) * 16
+    assert torch.equal(after.keys[0][:, :, :blocked], before.keys[0][:, :, :blocked])
+    assert torch.equal(after.keys[0][:, :, -8:], new_k[0][:, :, -8:])
+
+
+def with_section(
+    blob: bytes, layer: int, name: str, data: bytes, coder: str | None = None
+) -> bytes:
+    """blob with section `name` of layer `layer` replaced by `data` (offsets, lengths and crc32s
+    rewritten so that only the content checks can catch it)."""
+    h = read_header(blob)
+    head_len = struct.unpack_from("<I", blob, 8)[0]
+    doc = json.loads(blob[16 : 16 + head_len])
+    parts, cursor = [], 0
+    for e, raw in zip(h.entries, doc["layers"], strict=True):
+        keys = {"indices": "indices", "K metadata": "k_meta", "V metadata": "v_meta"}
+        keys |= {"K window": "k_window", "V window": "v_window"}
+        for sec_name, ref in e.named_sections():
+            start = h.data_offset + ref.offset
+            body = blob[start : start + ref.length]
+            rec = [cursor, ref.length, ref.crc, ref.coder]
+            if e.layer == layer and sec_name == name:
+                body = data
+                rec = [cursor, len(data), zlib.crc32(data), coder or ref.coder]
+            parts.append(body)
+            cursor += len(body)
+            if sec_name in keys:
+                raw[keys[sec_name]] = rec
+            else:
+                kind, _, i = sec_name.split()
+                raw[f"{kind.lower()}_blocks"][int(i)] = rec
+    doc["data_bytes"] = cursor
+    head = json.dumps(doc).encode()
+    prefix = struct.pack("<4sHHII", b"KVPK", h.version, 0, len(head), zlib.crc32(head))
+    return prefix + head + b"".join(parts)
+
+
+@pytest.mark.parametrize("mode", ["lossy", "fixed"])
+def test_damaged_group_metadata_is_rejected(mode: str) -> None:
+    ks, vs, _ = ragged_cache(lengths=(40, 25))
+    s = QuantSettings(mode=mode, block_tokens=16)
+    blob = encode(ks, vs, settings=s)
+    meta = read_header(blob).entries[0].k_meta
+    assert meta is not None and meta.coder == ("meta-zstd" if mode == "lossy" else "meta-raw")
+    assert decode(with_section(blob, 0, "K block 0", block_bytes(blob)[0])).layers == [0, 1]
+    g = 2 * 8  # K channel groups per block: B * H * d
+    codes = np.zeros(4 * 2 * g, dtype=np.uint8)  # 2 blocks: step codes 0 (out of range)
+    bad_code = codes.tobytes()
+    escaped = np.full(2 * g, 0xFFFF, dtype="<u2").view(np.uint8).reshape(-1, 2).T.tobytes()
+    escaped += bytes(4 * g)  # anchor codes, then no fp32 values at all
+    inf_meta = escaped[: 4 * g] + np.zeros(2 * 2 * g, dtype=np.uint8).tobytes()
+    cases = [
+        (bad_code, "meta-raw", "step code"),
+        (bad_code[:-1], "meta-raw", "cannot hold"),
+        (escaped, "meta-raw", "escapes need"),
+        (zstandard.ZstdCompressor().compress(bad_code), "meta-zstd", "step code"),
+        (zstandard.ZstdCompressor().compress(bytes(10**6)), "meta-zstd", "declares"),
+        (bad_code, "meta-zstd", "zstd"),
+        (bad_code, "zip", "coder"),
+    ]
+    del inf_meta
+    for data, coder, match in cases:
+        bad = with_section(blob, 0, "K metadata", data, coder)
+        with pytest.raises(FormatError, match=match):
+            verify(bad)
+        with pytest.raises(FormatError, match=match):
+            decode(bad)
+    fp = np.array([np.inf, 1.0], dtype="<f4").repeat(2 * g)  # non-finite escaped minimum
+    bad = with_section(blob, 0, "K metadata", escaped + fp.tobytes(), "meta-raw")
+    with pytest.raises(FormatError, match="non-finite"):
+        decode(bad)
+
+
+def test_v2_header_metadata_fields_are_checked(small_blob: bytes) -> None:
+    doc = json.loads(small_blob[16 : 16 + struct.unpack_from("<I", small_blob, 8)[0]])
+    layer = doc["layers"][0]
+    no_meta = {k: v for k, v in layer.items() if k != "k_meta"}
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"layers": [{**layer, "k_meta": None}]}, "needs k_meta"),
+        ({"layers": [no_meta]}, "fields"),
+        ({"layers": [{**layer, "settings": {"k_error_bound": "2"}}]}, "k_error_bound"),
+        (
+            {"layers": [{**layer, "settings": {"mode": "lossless"}, "k_codebook": None}]},
+            "cannot have k_meta|codebook",
+        ),
+        ({"layers": [{**layer, "settings": {}}]}, "settings"),
+    ]
+    for edit, match in cases:
+        with pytest.raises(FormatError, match=match):
+            verify(rewrite_header(small_blob, edit))

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvpack.codec import QuantSettings, decode, encode, encode_layer, quant
+from kvpack.codec import QuantSettings, decode, encode, encode_layer, kernels, quant
 from kvpack.codec.layer_codec import encoded_tokens
 from tests.codec.quant_reference import group_k, group_v
 
@@ -152,3 +152,30 @@ def test_settings_validate_and_wire_round_trip() -> None:
     ):
         with pytest.raises(ValueError, match=field):
             QuantSettings.from_mapping(bad)
+
+
+@pytest.mark.parametrize("eb", [2.0**-12, 0.013, 0.05, 0.1, 0.25, 1 / 3, 1.0])
+def test_v2_lattice_step_and_anchor_keep_the_bound(eb: float) -> None:
+    """Format v2's compact step never exceeds eb * range, and its anchor puts the group's
+    minimum and maximum within half a step of the symbols' reach; constant groups and groups
+    the codes cannot describe are escapes that keep fp32 values (docs/FORMAT.md)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 64, 16, generator=gen) * torch.logspace(-3, 3, 16) + 7.0
+    x[0, 0, :16] = 0.25  # constant V groups (tokens) and K channel groups (block 0)
+    qmax = quant.levels(eb) - 1
+    for grouping in ("v", "channel", "block"):
+        qz = quant.quantize_blocks(x, grouping, 16, eb, lattice=True)
+        ref = quant.quantize_blocks(x, grouping, 16, eb)  # v1: exact minima and steps
+        assert qz.step_codes is not None and ref.step_codes is None
+        esc = qz.step_codes == kernels.ESCAPE
+        mn, st = qz.mn.astype(np.float64), qz.step.astype(np.float64)
+        lo, st1 = ref.mn.astype(np.float64), ref.step.astype(np.float64)
+        hi = lo + st1 / eb  # the group maximum, to fp32 rounding of the v1 step
+        assert (st <= st1).all() and np.array_equal(mn[esc], lo[esc])
+        live = ~esc & (st1 > 0)
+        slack = 1e-6 * np.maximum(abs(lo), abs(hi))
+        assert (mn[live] - st[live] / 2 <= lo[live] + slack[live]).all()
+        assert (mn[live] + (qmax + 0.5) * st[live] >= hi[live] - slack[live]).all()
+        assert (esc[st1 == 0]).all()  # constant groups stay exact
+        if eb >= 0.05:  # escapes only where the anchor is over 4096 steps from 0 (int16 codes)
+            assert not esc[(st1 > 0) & (abs(lo) < 4000 * st1)].any()
