@@ -19,6 +19,8 @@ class LayerStats:
     value_max_abs_error: float
     key_rel_error: float
     value_rel_error: float
+    k_error_bound: float = 0.0  # bounds the layer was encoded with (0: not stored / lossless)
+    v_error_bound: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,7 @@ class Compression:
         self._damage: Callable[[float], float] | None = None
         self._ratio: float | None = None  # budget mode: the eviction ratio chosen
         self._models: dict[QuantSettings, budget_mode.SizeModel] = {}  # the plan's trials
+        self._share_bytes: list[float] = []  # each layer's share of the budget (plan)
 
     def start(self, kind: StatsKind | None = None, stats: torch.Tensor | None = None) -> None:
         """Fix the allocation, once, before layer 0: ``stats`` is the statistics tensor the
@@ -153,9 +154,10 @@ class Compression:
                 encoded = codec.encode_layer(ck, cv, kept, self.quant)
             except ValueError as e:
                 raise InvalidArgument(f"encode (layer {layer}): {e}") from e
-            _timed(t, "encode", start)
             if r.target is not None:
+                encoded = self._within_share(layer, ck, cv, kept, encoded)
                 self._held[layer] = (ck, cv)
+            _timed(t, "encode", start)
         return LayerResult(
             layer, ck, cv, idx, encoded, _nbytes(k) + _nbytes(v), _nbytes(ck) + _nbytes(cv), t
         )
@@ -207,8 +209,16 @@ class Compression:
         self.quant = model.settings
         if evicts:
             self._ratio = self._settle(model, ratio, most)
+            assert self._indices is not None
+            kept = [int(i.shape[-1]) for i in self._indices]
         else:
             self._ratio = ratio
+            kept = [lay.seq_len] * lay.num_layers
+        # Shares: each layer's predicted bytes, scaled so that they fill the goal.
+        predicted = [model.layer(b) for b in kept]
+        room = target.budget_bytes * (1 - budget_mode.MARGIN) - model.fixed
+        scale = max(1.0, room / max(1.0, sum(predicted)))
+        self._share_bytes = [p * scale for p in predicted]
 
     def _settle(self, model: budget_mode.SizeModel, ratio: float, most: float) -> float:
         """The ratio whose real selection (the policy's own per-layer split: each layer's
@@ -309,20 +319,47 @@ class Compression:
         self._ratio = ratio
         return blob
 
-    def _coarser(self, size: int) -> QuantSettings | None:
-        """The finest coarser candidate (same block) whose trial predicts ``size`` scaled
-        down to the goal, else the coarsest; None when the settings are the coarsest."""
+    def _within_share(
+        self,
+        layer: int,
+        ck: torch.Tensor,
+        cv: torch.Tensor,
+        kept: torch.Tensor | None,
+        encoded: EncodedLayer,
+    ) -> EncodedLayer:
+        """A layer over its share of the budget is encoded again at the finest coarser bound
+        the plan's trials predict to fit the share (container v2 records per-layer bounds), so
+        one layer that compresses worse than layer 0 does not coarsen every layer."""
+        share = self._share_bytes[layer] if layer < len(self._share_bytes) else None
+        if share is None or encoded.nbytes <= share:
+            return encoded
+        coarser = self._coarser(encoded.nbytes, share, encoded.settings)
+        if coarser is None:
+            return encoded
+        try:
+            return codec.encode_layer(ck, cv, kept, coarser)
+        except ValueError as e:
+            raise InvalidArgument(f"encode (layer {layer}): {e}") from e
+
+    def _coarser(
+        self, size: int, goal: float | None = None, settings: QuantSettings | None = None
+    ) -> QuantSettings | None:
+        """The finest candidate coarser than ``settings`` (default: the container's; same
+        block) whose trial predicts ``size`` scaled down to ``goal`` (default: the budget's),
+        else the coarsest; None when ``settings`` are the coarsest."""
         target = self.request.target
         assert target is not None
-        goal = target.budget_bytes * (1 - budget_mode.MARGIN)
-        current = self._models.get(self.quant)
+        if goal is None:
+            goal = target.budget_bytes * (1 - budget_mode.MARGIN)
+        now = self.quant if settings is None else settings
+        current = self._models.get(now)
         options = [
             m
             for m in self._models.values()
-            if m.settings.block_tokens == self.quant.block_tokens
-            and m.settings.k_error_bound >= self.quant.k_error_bound
-            and m.settings.v_error_bound >= self.quant.v_error_bound
-            and m.settings != self.quant
+            if m.settings.block_tokens == now.block_tokens
+            and m.settings.k_error_bound >= now.k_error_bound
+            and m.settings.v_error_bound >= now.v_error_bound
+            and m.settings != now
         ]
         if not options or current is None:
             return None
@@ -353,6 +390,8 @@ class Compression:
             ck = ck.gather(2, expand.expand(*slots.shape, ck.shape[-1]))
             cv = cv.gather(2, expand.expand(*slots.shape, cv.shape[-1]))
             self._held[x.layer] = (ck, cv)
+            if x.keys.numel():  # the caller still holds the composite: it gets the stored one
+                x.keys, x.values = ck, cv
             x.kept_bytes = _nbytes(ck) + _nbytes(cv)
 
     def _reencode(self, results: Sequence[LayerResult]) -> None:
@@ -360,8 +399,11 @@ class Compression:
         for x in results:
             ck, cv = self._held[x.layer]
             kept = None if self.allocation is Allocation.NONE else x.indices
+            # A layer already coarser than the container's settings (its share) stays so.
+            own = x.encoded.settings if x.encoded is not None else self.quant
+            settings = own if own.k_error_bound > self.quant.k_error_bound else self.quant
             try:
-                x.encoded = codec.encode_layer(ck, cv, kept, self.quant)
+                x.encoded = codec.encode_layer(ck, cv, kept, settings)
             except ValueError as e:
                 raise InvalidArgument(f"encode (layer {x.layer}): {e}") from e
         _timed(self.timings, "encode", start)
@@ -458,6 +500,9 @@ class Compression:
                 ls.value_max_abs_error = s.value_max_abs_error
                 ls.key_rel_error = s.key_rel_error
                 ls.value_rel_error = s.value_rel_error
+                if x.encoded.settings.mode != "lossless":
+                    ls.k_error_bound = x.encoded.settings.k_error_bound
+                    ls.v_error_bound = x.encoded.settings.v_error_bound
         if stored is not None:
             summary.key = stored.key
             summary.stored_bytes = len(stored.blob)

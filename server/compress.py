@@ -262,6 +262,8 @@ class CompressSession:
     ) -> AsyncIterator[pb.CompressResponse | bytes]:
         reader = asyncio.create_task(self._read(requests))
         results: list[LayerResult] = []
+        # Budget mode answers the layers after the final check, which may evict further.
+        deferred = False
         failed = False
         raised: BaseException | None = None
         result: LayerResult | None = None
@@ -278,13 +280,22 @@ class CompressSession:
                     self.ahead.release()
                 self.reservation.give_back(result.input_bytes)
                 self._observe_layer(result)
-                if self.compression is not None and self.compression.request.return_cache:
+                request = self.compression.request if self.compression is not None else None
+                deferred = request is not None and request.target is not None
+                if request is not None and request.return_cache and not deferred:
                     for frame in _layer_frames(result):
                         yield frame
-                # Drop the composite tensors: only the encoded layer is needed from here on.
-                result.keys = result.values = torch.empty(0)
+                if not (deferred and request is not None and request.return_cache):
+                    # Only the encoded layer is needed from here on (budget mode holds its
+                    # composite cache itself, for the final check).
+                    result.keys = result.values = torch.empty(0)
                 results.append(result)
-            yield await self._finish(results)
+            final = await self._finish(results)
+            if deferred and self.compression is not None and self.compression.request.return_cache:
+                for result in results:
+                    for frame in _layer_frames(result):
+                        yield frame
+            yield final
         except BaseException as exc:
             failed = isinstance(exc, KVPackError)
             raised = exc

@@ -256,7 +256,9 @@ class CompressHeader(_message.Message):
     smaller than the cache in fp16 (> 1); target_bytes: at most this many bytes; both given: the
     smaller budget. Excludes ratio and n_keep (kvpack chooses the ratio) and quant's error bounds
     (kvpack chooses them); needs store and a lossy or fixed quant mode. A budget below the
-    smallest size any setting reaches is INVALID_ARGUMENT naming that size.
+    smallest size any setting reaches is INVALID_ARGUMENT naming that size. With a budget, the
+    layer answers (return_cache) come after the whole cache is stored, before the summary: the
+    final check may evict further, and the answers are what was stored.
     """
     target_bytes: _builtins.int
     max_ratio: _builtins.float
@@ -446,6 +448,8 @@ class LayerSummary(_message.Message):
     VALUE_MAX_ABS_ERROR_FIELD_NUMBER: _builtins.int
     KEY_REL_ERROR_FIELD_NUMBER: _builtins.int
     VALUE_REL_ERROR_FIELD_NUMBER: _builtins.int
+    K_ERROR_BOUND_FIELD_NUMBER: _builtins.int
+    V_ERROR_BOUND_FIELD_NUMBER: _builtins.int
     layer: _builtins.int
     kept_tokens: _builtins.int
     """b_l (per head; structured policies)"""
@@ -459,6 +463,11 @@ class LayerSummary(_message.Message):
     key_rel_error: _builtins.float
     """||K - K^||_F / ||K||_F over kept entries"""
     value_rel_error: _builtins.float
+    k_error_bound: _builtins.float
+    """Error bounds the layer was encoded with (0 when not stored or lossless): budget mode may
+    encode a layer that overshoots its share of the budget coarser than the others.
+    """
+    v_error_bound: _builtins.float
     def __init__(
         self,
         *,
@@ -470,10 +479,12 @@ class LayerSummary(_message.Message):
         value_max_abs_error: _builtins.float = ...,
         key_rel_error: _builtins.float = ...,
         value_rel_error: _builtins.float = ...,
+        k_error_bound: _builtins.float = ...,
+        v_error_bound: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_bytes", b"input_bytes", "kept_tokens", b"kept_tokens", "key_max_abs_error", b"key_max_abs_error", "key_rel_error", b"key_rel_error", "layer", b"layer", "stored_bytes", b"stored_bytes", "value_max_abs_error", b"value_max_abs_error", "value_rel_error", b"value_rel_error"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["input_bytes", b"input_bytes", "k_error_bound", b"k_error_bound", "kept_tokens", b"kept_tokens", "key_max_abs_error", b"key_max_abs_error", "key_rel_error", b"key_rel_error", "layer", b"layer", "stored_bytes", b"stored_bytes", "v_error_bound", b"v_error_bound", "value_max_abs_error", b"value_max_abs_error", "value_rel_error", b"value_rel_error"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -177,13 +177,21 @@ def test_the_quality_floor_holds() -> None:
         run(scores, keys, values, target_ratio=40.0, max_ratio=0.25)
 
 
-def test_the_final_check_reencodes_when_the_plan_underestimates() -> None:
+def test_layers_over_their_share_and_the_final_check_fix_an_underestimate() -> None:
     """Layer 0 all zeros (the trial sees constant groups, nearly free) and noisy later layers:
-    the plan underestimates, and the final check evicts further until the container fits."""
+    the plan underestimates. A layer over its share is encoded coarser on its own (container v2
+    records per-layer bounds); when that is not enough, the final check evicts further."""
     scores, keys, values = cache(8, spread=4.0)
     keys[0] = torch.zeros_like(keys[0])
     values[0] = torch.zeros_like(values[0])
     out = run(scores, keys, values, target_ratio=4.0, policy="kvcompose_uniform")
+    layers = out.summary.layers
+    assert out.summary.budget.stored_bytes <= out.summary.budget.budget_bytes
+    assert layers[1].k_error_bound > layers[0].k_error_bound == out.summary.budget.k_error_bound
+    decoded = codec.decode(out.stored.blob)
+    assert decoded.header.layer_settings[1].k_error_bound == layers[1].k_error_bound
+
+    out = run(scores, keys, values, target_ratio=10.0, policy="kvcompose_uniform")
     choice = out.summary.budget
     assert choice.encodes > 1
     assert choice.stored_bytes <= choice.budget_bytes
