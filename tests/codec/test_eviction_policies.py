@@ -14,6 +14,7 @@ from kvpack.codec.policy_settings import PolicySettings
 
 def test_registry_names() -> None:
     assert set(POLICIES) == {
+        "kvpack",
         "kvcompose",
         "kvcompose_unstructured",
         "kvcompose_uniform",
