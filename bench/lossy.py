@@ -2,6 +2,13 @@
 
     .venv/bin/python -m kvpack.bench.lossy [--layers 4 --kv-heads 8 --head-dim 128 --seq 2048
         --dtype fp16 --repeats 3 --profile]
+    .venv/bin/python -m kvpack.bench.lossy --sizes [--data llama|reference]
+
+--sizes prints container bytes of lossy and fixed-width encoding at the same error bounds
+(K0.05/V0.1 and K0.1/V0.2, blocks of 32 and 64 tokens, windows 0) instead of timing: on the
+synthetic Llama-shaped cache below, or (--data reference) on the reference model's prefill
+caches of the two task families it solves (eval/: 2040-token contexts, fp32, as `kvpack eval`
+encodes them).
 
 K: Gaussian with a per-channel scale and offset and a few outlier channels (post-RoPE keys look
 like this); V: smoother, a random walk along tokens plus noise. Throughput is GB/s of input
@@ -22,7 +29,7 @@ from collections.abc import Callable
 
 import torch
 
-from kvpack.codec import QuantSettings, assemble, decode, dtype_from_name, encode_layer
+from kvpack.codec import QuantSettings, assemble, decode, dtype_from_name, encode, encode_layer
 
 
 def synthetic_kv(
@@ -144,6 +151,54 @@ def _top(prof: cProfile.Profile) -> str:
     return buf.getvalue()
 
 
+SIZE_BOUNDS = ((0.05, 0.1), (0.1, 0.2))
+SIZE_BLOCKS = (32, 64)
+
+
+def reference_caches() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """K, V of the reference model's prefill (fp32, [1, 2, 2040, 32] per layer) on one example
+    of each task family it solves (kvpack eval's prompts, seed 1234), layers of both concatenated
+    as separate layers. Needs the checked-in reference checkpoint (eval/reference/)."""
+    from kvpack.client.hf.stats import prefill_with_scores
+    from kvpack.eval.model import reference_model
+    from kvpack.eval.tasks import make_examples
+
+    model = reference_model().eval()
+    ks: list[torch.Tensor] = []
+    vs: list[torch.Tensor] = []
+    for task in ("single_filler", "single_repeat"):
+        prompt = make_examples(task, 2048, 1, 1234)[0].prompt
+        with torch.no_grad():
+            k, v, _ = prefill_with_scores(model, torch.tensor([prompt[:2040]]), mode="agnostic")
+        ks += [t.float().cpu() for t in k]
+        vs += [t.float().cpu() for t in v]
+    return ks, vs
+
+
+def sizes(ks: list[torch.Tensor], vs: list[torch.Tensor]) -> list[dict[str, object]]:
+    """Container bytes of lossy and fixed encoding of one cache at each SIZE_BOUNDS x
+    SIZE_BLOCKS (windows 0), with the ratio fixed/lossy and lossy's ratio vs fp16."""
+    fp16 = sum(t.numel() for t in ks + vs) * 2
+    rows: list[dict[str, object]] = []
+    for kb, vb in SIZE_BOUNDS:
+        for block in SIZE_BLOCKS:
+            got = {}
+            for mode in ("lossy", "fixed"):
+                s = QuantSettings(mode=mode, k_error_bound=kb, v_error_bound=vb, block_tokens=block)
+                got[mode] = len(encode(ks, vs, settings=s))
+            rows.append(
+                {
+                    "bounds": f"K{kb}/V{vb}",
+                    "block": block,
+                    "lossy_bytes": got["lossy"],
+                    "fixed_bytes": got["fixed"],
+                    "lossy_vs_fixed": got["fixed"] / got["lossy"],
+                    "lossy_vs_fp16": fp16 / got["lossy"],
+                }
+            )
+    return rows
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)
@@ -153,11 +208,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="cProfile one lossy encode and decode")
+    p.add_argument("--sizes", action="store_true", help="lossy vs fixed bytes at equal bounds")
+    p.add_argument("--data", default="llama", choices=["llama", "reference"], help="for --sizes")
     return p
 
 
 def main() -> None:
-    result = run(parser().parse_args())
+    args = parser().parse_args()
+    if args.sizes:
+        torch.set_num_threads(1)
+        if args.data == "reference":
+            ks, vs = reference_caches()
+        else:
+            dtype = dtype_from_name(args.dtype)
+            ks, vs = synthetic_kv(args.layers, args.kv_heads, args.head_dim, args.seq, dtype)
+        print(json.dumps({"data": args.data, "sizes": sizes(ks, vs)}, indent=1))
+        return
+    result = run(args)
     profile = result.pop("profile", None)
     print(json.dumps(result, indent=1))
     if isinstance(profile, dict):

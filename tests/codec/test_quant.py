@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +181,12 @@ def test_v2_lattice_step_and_anchor_keep_the_bound(eb: float) -> None:
         assert (esc[st1 == 0]).all()  # constant groups stay exact
         if eb >= 0.05:  # escapes only where the anchor is over 4096 steps from 0 (int16 codes)
             assert not esc[(st1 > 0) & (abs(lo) < 4000 * st1)].any()
+
+
+def test_step_grid_matches_the_format_document() -> None:
+    """The v2 step mantissas are normative: docs/FORMAT.md lists their fp32 bits."""
+    doc = (Path(__file__).parents[2] / "docs" / "FORMAT.md").read_text()
+    rows = re.findall(r"^\| (\d+)–(\d+) \| ((?:[0-9a-f]{8} ?){8}) \|$", doc, flags=re.M)
+    listed = [int(h, 16) for _, _, hexes in rows for h in hexes.split()]
+    assert listed == kernels.STEP_MANTISSAS.view(np.uint32).tolist()
+    assert len(listed) == 64 and listed[0] == 0x3F800000  # M[0] = 1.0
