@@ -8,9 +8,10 @@ places, each measured in docs/QUALITY.md:
 1. scores are max-pooled over neighbouring positions (SnapKV's kernel) before ranking, so the
    tokens next to a position the statistics found (the rest of a needle, of a word, of a value)
    are kept with it;
-2. each layer's budget is at least `floor` times its uniform share; only the rest is allocated
-   across layers, by each layer's normalised attention mass (or uniformly, or KVCompose's raw
-   scores), so a layer whose scores are small in absolute terms is never starved;
+2. no layer can be starved: by default every layer keeps the same number of tokens (measured
+   best on the reference model); with allocation="mass" or "scores" each layer keeps at least
+   `floor` times its uniform share and only the rest is allocated across layers, by each
+   layer's normalised attention mass or by KVCompose's raw composite scores;
 3. the first `n_sink` positions and the last `window_size` are always kept.
 
 Ties: per head the lower position wins; across layers the lower layer, then the better rank.
@@ -44,10 +45,11 @@ class KVPackSettings(PolicySettings):
     pooling: "max" (a position scores as its best neighbour) or "avg".
     agg_group: GQA group reduction ("mean" or "max"). add_mean_across_heads: add the mean over
     KV heads of a position's score to each head's (KVCompose's stabilisation).
-    allocation: how the budget above the floors reaches the layers: "mass" (by each layer's
-    normalised composite scores), "uniform" (evenly) or "scores" (KVCompose's raw composite
-    scores across layers). floor: every layer keeps at least floor x its uniform share of the
-    budget, 0..1 (1: uniform whatever `allocation` says).
+    allocation: how the budget reaches the layers: "uniform" (evenly, the default), "mass"
+    (floors, then the rest by each layer's normalised composite scores) or "scores" (floors,
+    then the rest by KVCompose's raw composite scores across layers). floor: with "mass" or
+    "scores", every layer keeps at least floor x its uniform share of the budget, 0..1 (1:
+    uniform).
     n_sink: first positions always kept; window_size: last positions always kept; each at most
     the token slots a layer keeps on average.
     """
@@ -56,7 +58,7 @@ class KVPackSettings(PolicySettings):
     pooling: str = "max"
     agg_group: str = "mean"
     add_mean_across_heads: bool = True
-    allocation: str = "mass"
+    allocation: str = "uniform"
     floor: float = 0.5
     n_sink: int = 4
     window_size: int = 0
@@ -117,18 +119,24 @@ class KVPack(Policy):
 
     def keep(self, inp: EvictionInput) -> list[torch.Tensor]:
         s = self.score(inp)
-        per_layer = self.layer_counts(s, inp)
+        # One sort serves both the ranking and the allocation: protected positions are +inf,
+        # so they take the first `protected` ranks of every head.
+        ranked, order = self.protect(s, inp.n).sort(dim=-1, descending=True, stable=True)
+        per_layer = self.layer_counts(ranked, inp)
         counts = per_layer.unsqueeze(-1).expand(-1, -1, inp.num_kv_heads)
-        order = self.protect(s, inp.n).sort(dim=-1, descending=True, stable=True).indices
         return positions_from_order(order, counts)
 
+    def protected(self, n: int) -> int:
+        """How many positions of an n-token sequence are always kept (sinks and window)."""
+        return min(n, min(self.settings.n_sink, n) + min(self.settings.window_size, n))
+
     def protect(self, s: torch.Tensor, n: int) -> torch.Tensor:
-        """s [..., n] with the sinks (earliest first) and the window ranked above every score."""
+        """s [..., n] with the sinks and the window raised to +inf, above every score."""
         sinks, window = min(self.settings.n_sink, n), min(self.settings.window_size, n)
         if not sinks and not window:
             return s
         s = s.clone()
-        # +inf for both; the stable sort then ranks the sinks (earliest first) before the
+        # The stable sort ranks equal +inf by position: the sinks (earliest first) before the
         # window, so a budget smaller than what is protected keeps the first sinks.
         if window:
             s[..., n - window :] = torch.inf
@@ -142,23 +150,29 @@ class KVPack(Policy):
         share = inp.budget.entries() / inp.layers
         return min(inp.n, max(1, math.floor(self.settings.floor * share)))
 
-    def layer_counts(self, s: torch.Tensor, inp: EvictionInput) -> torch.Tensor:
+    def layer_counts(self, ranked: torch.Tensor, inp: EvictionInput) -> torch.Tensor:
         """Slots per layer and batch row, [L, B] int64, summing to the budget (to L when the
-        budget is smaller than one slot per layer)."""
+        budget is smaller than one slot per layer).
+
+        ranked: [L, B, Hkv, n] each head's protected scores sorted descending (the protected
+        positions first, +inf). Every layer keeps max(floor_slots, protected) ranks; the rest of
+        the budget goes to the best composite ranks of all layers: by the ranks' share of their
+        layer's unprotected composite mass ("mass") or by their raw composite score ("scores").
+        """
         total = inp.budget.entries()
         if self.settings.allocation == "uniform" or self.settings.floor >= 1:
-            split = torch.tensor(uniform_split(total, inp.layers), device=s.device)
+            split = torch.tensor(uniform_split(total, inp.layers), device=ranked.device)
             return split.clamp(min=1, max=inp.n).view(-1, 1).expand(-1, inp.batch).contiguous()
-        ranked = s.sort(dim=-1, descending=True, stable=True).values
+        protected = self.protected(inp.n)
         c = ranked.mean(dim=2)  # composite token scores [L, B, n], non-increasing along n
+        c[..., :protected] = 0.0  # kept anyway (below); their +inf must not enter the mass
         if self.settings.allocation == "mass":
-            # Each layer's composite scores as fractions of its own total: a rank's weight is
-            # the share of the layer's attention it adds, comparable across layers whatever
-            # their scale.
+            # A rank's weight is the share of its layer's attention it adds: comparable across
+            # layers whatever their scale, and an attention sink's mass is left out.
             c = c.clamp(min=0)
             c = c / c.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(c.dtype).tiny)
-        floor = self.floor_slots(inp)
-        c = c.clone()
+        # Protected ranks join the floor as far as an even split of the budget pays for them.
+        floor = max(self.floor_slots(inp), min(protected, total // inp.layers))
         c[..., :floor] += _FLOOR_BONUS
         counts = top_counts(c.transpose(0, 1).reshape(inp.batch, -1), total, inp.n)
         return counts.transpose(0, 1).clamp(min=1, max=inp.n)

@@ -22,14 +22,15 @@ def reference(
     num_kv_heads: int,
     total: int,
     kernel_size: int = 3,
-    allocation: str = "mass",
+    allocation: str = "uniform",
     floor: float = 0.5,
     n_sink: int = 4,
     window_size: int = 0,
 ) -> list[list[list[int]]]:
     """scores [L, Hq, n] float32 (batch 1) -> kept positions [layer][kv head], one position and
     one layer at a time (max pooling, GQA mean, head mean, composite mean, floors, then the
-    global top of the rest: higher weight, then lower layer, then better rank)."""
+    global top of the rest: higher weight, then lower layer, then better rank; the protected
+    positions take each head's first ranks and stay out of the weights)."""
     layers, hq, n = scores.shape
     g = hq // num_kv_heads
     s = np.zeros((layers, num_kv_heads, n), dtype=F32)
@@ -42,15 +43,20 @@ def reference(
             half = kernel_size // 2
             s[layer, k] = [grouped[max(0, i - half) : i + half + 1].max() for i in range(n)]
         s[layer] = s[layer] + s[layer].mean(axis=0, dtype=F32)
-    composite = (-np.sort(-s, axis=-1)).mean(axis=1, dtype=F32)  # [L, n]
+    protected = [*range(min(n_sink, n)), *range(n - min(window_size, n), n)]
+    p = len(set(protected))
+    free = [i for i in range(n) if i not in protected]
+    # Composite rank j >= p: the heads' mean (j - p)-th best unprotected score.
+    composite = np.zeros((layers, n), dtype=np.float64)
+    composite[:, p:] = (-np.sort(-s[:, :, free], axis=-1)).mean(axis=1, dtype=F32)
     if allocation == "uniform":
         base, extra = divmod(total, layers)
         counts = [base + (layer < extra) for layer in range(layers)]
     else:
-        w = composite.astype(np.float64)
+        w = composite
         if allocation == "mass":
             w = w / w.sum(axis=1, keepdims=True)
-        f = min(n, max(1, math.floor(floor * total / layers)))
+        f = max(min(n, max(1, math.floor(floor * total / layers))), min(p, total // layers))
         counts = [f] * layers
         rest = sorted(
             ((layer, j) for layer in range(layers) for j in range(f, n)),
@@ -62,7 +68,6 @@ def reference(
     for layer in range(layers):
         heads = []
         for k in range(num_kv_heads):
-            protected = [*range(min(n_sink, n)), *range(n - min(window_size, n), n)]
             rest = sorted(set(range(n)) - set(protected), key=lambda i: (-s[layer, k, i], i))
             ranking = list(dict.fromkeys(protected)) + rest
             heads.append(sorted(ranking[: counts[layer]]))
@@ -80,9 +85,10 @@ def _scores(layers: int, hq: int, n: int, seed: int) -> torch.Tensor:
     [
         ({}, 0.5),
         ({}, 0.875),
-        ({"allocation": "uniform"}, 0.75),
+        ({"allocation": "mass"}, 0.75),
+        ({"allocation": "mass", "floor": "0.9", "window_size": 2}, 0.875),
         ({"allocation": "scores", "floor": "0.25", "kernel_size": "5"}, 0.8),
-        ({"floor": 0.0, "n_sink": 0, "window_size": 3}, 0.9),
+        ({"allocation": "mass", "floor": 0.0, "n_sink": 0, "window_size": 3}, 0.9),
         ({"kernel_size": 1, "n_sink": 2}, 0.6),
     ],
 )
@@ -121,8 +127,11 @@ def test_dense_layers_per_head_tokens_and_exact_budget(layers: int, n: int, rati
 def test_n_keep_budget_and_tiny_budgets() -> None:
     s = _scores(4, 2, 20, seed=1)
     assert sum(t.shape[-1] for t in select(s, n_keep=23, policy="kvpack")) == 23
+    assert sum(t.shape[-1] for t in select(s, n_keep=23, policy="kvpack", allocation="mass")) == 23
     # Fewer slots than layers: every layer still keeps one (the floor of every policy).
-    assert [t.shape[-1] for t in select(s, n_keep=2, policy="kvpack")] == [1, 1, 1, 1]
+    for allocation in ("uniform", "mass", "scores"):
+        tiny = select(s, n_keep=2, policy="kvpack", allocation=allocation)
+        assert [t.shape[-1] for t in tiny] == [1, 1, 1, 1]
 
 
 def test_floor_holds_where_kvcompose_starves_a_layer() -> None:
@@ -132,7 +141,7 @@ def test_floor_holds_where_kvcompose_starves_a_layer() -> None:
     kvcompose = [t.shape[-1] for t in select(s, 0.875, "kvcompose")]
     assert kvcompose[2] == 1  # raw scores compared across layers starve it
     for floor in (0.25, 0.5, 0.9):
-        widths = [t.shape[-1] for t in select(s, 0.875, "kvpack", floor=floor)]
+        widths = [t.shape[-1] for t in select(s, 0.875, "kvpack", allocation="mass", floor=floor)]
         assert sum(widths) == budget
         assert min(widths) >= math.floor(floor * budget / 4)
 
@@ -141,8 +150,8 @@ def test_mass_allocation_ignores_each_layers_scale() -> None:
     s = _scores(3, 2, 64, seed=3)
     scaled = s.clone()
     scaled[1] *= 1000.0
-    a = select(s, 0.8, "kvpack")
-    b = select(scaled, 0.8, "kvpack")
+    a = select(s, 0.8, "kvpack", allocation="mass")
+    b = select(scaled, 0.8, "kvpack", allocation="mass")
     assert [t.shape[-1] for t in a] == [t.shape[-1] for t in b]
     raw_a = [t.shape[-1] for t in select(s, 0.8, "kvpack", allocation="scores")]
     raw_b = [t.shape[-1] for t in select(scaled, 0.8, "kvpack", allocation="scores")]
@@ -151,7 +160,7 @@ def test_mass_allocation_ignores_each_layers_scale() -> None:
 
 def test_uniform_allocation_and_full_floor_split_evenly() -> None:
     s = _scores(3, 2, 50, seed=4)
-    for settings in ({"allocation": "uniform"}, {"floor": 1.0}):
+    for settings in ({}, {"allocation": "mass", "floor": 1.0}):
         assert [t.shape[-1] for t in select(s, n_keep=40, policy="kvpack", **settings)] == [
             14,
             13,
@@ -163,16 +172,18 @@ def test_sinks_and_window_kept_in_every_head() -> None:
     s = _scores(3, 4, 60, seed=5)
     s[..., :6] = 0.0  # no attention at all on the sinks
     s[..., -5:] = 0.0
-    # 16 slots per layer on average: the floor (8) pays for the 8 protected positions.
-    kept = select(s, n_keep=3 * 16, policy="kvpack", num_kv_heads=2, n_sink=3, window_size=5)
-    for t in kept:
-        for h in range(2):
-            row = set(t[0, h].tolist())
-            assert {0, 1, 2} <= row and set(range(55, 60)) <= row
+    for allocation in ("uniform", "mass"):
+        # 16 slots per layer on average: the floor (8) pays for the 8 protected positions.
+        kept = select(
+            s, n_keep=3 * 16, policy="kvpack", num_kv_heads=2, n_sink=3, window_size=5,
+            allocation=allocation,
+        )  # fmt: skip
+        for t in kept:
+            for h in range(2):
+                row = set(t[0, h].tolist())
+                assert {0, 1, 2} <= row and set(range(55, 60)) <= row
     # A budget smaller than what is protected keeps the first sinks first.
-    few = select(
-        s, n_keep=3 * 2, policy="kvpack", num_kv_heads=2, n_sink=3, window_size=5, floor=1.0
-    )
+    few = select(s, n_keep=3 * 2, policy="kvpack", num_kv_heads=2, n_sink=3, window_size=5)
     assert all(t[0].tolist() == [[0, 1], [0, 1]] for t in few)
 
 
@@ -193,10 +204,11 @@ def test_deterministic_and_ties_keep_lower_positions() -> None:
     b = select(s.clone(), 0.7, "kvpack", num_kv_heads=2)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     flat = torch.ones(2, 1, 2, 10)
-    even = select(flat, n_keep=2 * 3, policy="kvpack", n_sink=0, allocation="uniform")
+    even = select(flat, n_keep=2 * 3, policy="kvpack", n_sink=0)
     assert all(t[0].tolist() == [[0, 1, 2], [0, 1, 2]] for t in even)
     # Equal weights across layers: the lower layer wins everything above the floors.
-    assert [t.shape[-1] for t in select(flat, n_keep=2 * 3, policy="kvpack")] == [5, 1]
+    mass = select(flat, n_keep=6, policy="kvpack", n_sink=0, allocation="mass")
+    assert [t.shape[-1] for t in mass] == [5, 1]
 
 
 def test_batch_rows_are_independent() -> None:
