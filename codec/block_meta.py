@@ -44,9 +44,10 @@ def _planes(codes: np.ndarray) -> bytes:
 
 @dataclass(frozen=True)
 class StreamCodes:
-    """A stream's v2 group metadata as codes: step codes (uint16 [nb, G], ESCAPE = escaped),
-    anchor codes (int16 [nb, G]) and the escaped groups' fp32 minima and steps (float32 [E],
-    block-major group order)."""
+    """A stream's v2 group metadata as codes, every group of every block in block-major group
+    order: step codes (uint16 [N], ESCAPE = escaped), anchor codes (int16 [N]) and the escaped
+    groups' fp32 minima and steps (float32 [E]). Blocks may differ in groups (a short last V
+    block has fewer): the caller knows each block's count."""
 
     step_codes: np.ndarray
     anchor_codes: np.ndarray
@@ -58,7 +59,9 @@ class StreamCodes:
         """The codes of quantize_blocks(..., lattice=True)'s result."""
         assert qz.step_codes is not None and qz.anchor_codes is not None
         esc = qz.step_codes == kernels.ESCAPE
-        return StreamCodes(qz.step_codes, qz.anchor_codes, qz.mn[esc], qz.step[esc])
+        return StreamCodes(
+            qz.step_codes.reshape(-1), qz.anchor_codes.reshape(-1), qz.mn[esc], qz.step[esc]
+        )
 
     def __add__(self, more: StreamCodes) -> StreamCodes:
         """The codes of this stream's blocks followed by `more`'s (appending blocks)."""
@@ -89,10 +92,9 @@ class StreamCodes:
         return "meta-raw", body
 
     @staticmethod
-    def decode(coder: str, data: bytes | memoryview, nb: int, g: int) -> StreamCodes:
-        """Parse a metadata section of nb blocks of G groups. ValueError unless it holds exactly
-        the codes and their escapes, with every step code in range."""
-        n = nb * g
+    def decode(coder: str, data: bytes | memoryview, n: int) -> StreamCodes:
+        """Parse a metadata section of n groups. ValueError unless it holds exactly the codes
+        and their escapes, with every step code in range."""
         if coder == "meta-zstd":
             body: bytes | memoryview = lossless.zstd_bounded(data, 12 * n)
         elif coder == "meta-raw":
@@ -114,16 +116,15 @@ class StreamCodes:
         bad = ~esc & ((step_codes < _MIN_CODE) | (step_codes > _MAX_CODE))
         if bad.any():
             first = int(np.argmax(bad))
-            raise ValueError(f"block {first // g}: step code {int(step_codes[first])} out of range")
+            raise ValueError(f"group {first}: step code {int(step_codes[first])} out of range")
         fp = np.frombuffer(body, dtype="<f4", count=2 * n_esc, offset=4 * n).astype(np.float32)
-        return StreamCodes(
-            step_codes.reshape(nb, g), anchor_codes.reshape(nb, g), fp[:n_esc], fp[n_esc:]
-        )
+        return StreamCodes(step_codes, anchor_codes, fp[:n_esc], fp[n_esc:])
 
     def values(self) -> tuple[np.ndarray, np.ndarray]:
-        """(anchors, steps) float32 [nb, G] as the kernels use them (exactly the encoder's).
-        ValueError naming the first block with a non-finite anchor or a negative step."""
-        codes = self.step_codes.reshape(-1).astype(np.int64)
+        """(anchors, steps) float32 [N] as the kernels use them (exactly the encoder's).
+        ValueError naming the first group with a non-finite anchor or step, or a negative
+        step."""
+        codes = self.step_codes.astype(np.int64)
         esc = codes == kernels.ESCAPE
         live = ~esc
         steps = np.zeros(codes.size, dtype=np.float32)
@@ -134,26 +135,21 @@ class StreamCodes:
         steps[live] = bits.astype(np.uint32).view(np.float32)
         unit = steps[live] / np.float32(kernels.ANCHOR_DIVISOR)
         with np.errstate(over="ignore"):
-            anchors[live] = self.anchor_codes.reshape(-1)[live].astype(np.float32) * unit
+            anchors[live] = self.anchor_codes[live].astype(np.float32) * unit
         anchors[esc] = self.escaped_mn
         steps[esc] = self.escaped_step
-        mn, step = anchors.reshape(self.step_codes.shape), steps.reshape(self.step_codes.shape)
-        check_values(mn, step)
-        return mn, step
+        bad = ~np.isfinite(anchors) | ~np.isfinite(steps) | (steps < 0)
+        if bad.any():
+            raise ValueError(
+                f"group {int(np.argmax(bad))}: non-finite group minimum or negative step"
+            )
+        return anchors, steps
 
 
 def encode_v1(qz: Quantized) -> list[bytes]:
     """Per block, its v1 metadata: G fp32 minima then G fp32 steps (LE)."""
     meta = np.concatenate([qz.mn, qz.step], axis=1).astype("<f4", copy=False)
     return [meta[i].tobytes() for i in range(meta.shape[0])]
-
-
-def decode_stream_meta(
-    coder: str, data: bytes | memoryview, nb: int, g: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """(anchors, steps) float32 [nb, G] from a v2 stream metadata section; ValueError when
-    malformed (StreamCodes.decode, StreamCodes.values)."""
-    return StreamCodes.decode(coder, data, nb, g).values()
 
 
 def check_values(mn: np.ndarray, step: np.ndarray) -> None:

@@ -57,6 +57,7 @@ def _check_entry(view: memoryview, header: ContainerHeader, e: LayerEntry) -> No
     for kind, shape, book in (("k", e.k_shape, e.k_codebook), ("v", e.v_shape, e.v_codebook)):
         spec = StreamSpec.of(kind, s)
         label = kind.upper()
+        sizes = e.block_tokens(kind)
         try:
             check_stream(
                 spec,
@@ -65,10 +66,11 @@ def _check_entry(view: memoryview, header: ContainerHeader, e: LayerEntry) -> No
                 header.dtype,
                 book,
                 _meta(e, kind, sections),
+                sizes,
             )
         except ValueError as err:
             raise FormatError(f"layer {e.layer} {label} {err}") from None
-        n_tail = shape[2] - spec.encoded_tokens(shape[2])
+        n_tail = shape[2] - sum(sizes)
         try:
             lossless.check_frame(
                 sections[f"{label} window"], shape[0] * shape[1] * n_tail * shape[3] * size
@@ -135,6 +137,7 @@ def _decode_part(
             device,
             out,
             _meta(e, kind, sections),
+            e.block_tokens(kind),
         )
     except FormatError:
         raise
@@ -194,7 +197,7 @@ def decode_tails(
         spec = StreamSpec.of(kind, e.settings)
         data = payload(view, header, e.layer, f"{kind.upper()} window", ref)
         b, h, n, d = shape
-        tail_shape = (b, h, n - spec.encoded_tokens(n), d)
+        tail_shape = (b, h, n - sum(e.block_tokens(kind)), d)
         try:
             out.append(decode_stream(spec, [], data, tail_shape, header.dtype, None, None))
         except ValueError as err:

@@ -20,14 +20,15 @@ from kvpack.codec.layer_codec import (
     encode_stream,
 )
 from kvpack.codec.rawbytes import dtype_name
-from kvpack.codec.stream import StreamSpec
+from kvpack.codec.stream import StreamSpec, group_shape
 
 
 def _copied(view: memoryview, header: ContainerHeader, e: LayerEntry) -> EncodedLayer:
     """An EncodedLayer holding the checksum-verified bytes of entry `e`, unchanged."""
 
     def sec(name: str, ref: SectionRef) -> Section:
-        return Section(ref.coder, bytes(payload(view, header, e.layer, name, ref)), ref.crc)
+        data = bytes(payload(view, header, e.layer, name, ref))
+        return Section(ref.coder, data, ref.crc, ref.tokens)
 
     return EncodedLayer(
         header.dtype,
@@ -51,21 +52,22 @@ def _copied(view: memoryview, header: ContainerHeader, e: LayerEntry) -> Encoded
 def _merged_meta(
     spec: StreamSpec,
     shape: tuple[int, int, int, int],
-    counts: tuple[int, int],
+    sizes: tuple[list[int], int],
     old: Section | None,
     new: Section | None,
 ) -> Section | None:
-    """The v2 metadata section of a stream's existing blocks (counts[0] of them) followed by its
-    new ones (counts[1]): both are exact codes, so the merge is exact too. None for streams
-    without one (v1, lossless)."""
+    """The v2 metadata section of a stream's existing blocks (of sizes[0] tokens each) followed
+    by its `sizes[1]` new whole blocks: both hold exact codes, so the merge is exact too. None
+    for streams without one (v1, lossless)."""
     if old is None or new is None:
         return None
-    g, _ = spec.group_shape(shape)
+    groups_old = sum(group_shape(spec.grouping, shape, t)[0] for t in sizes[0])
+    groups_new = sizes[1] * spec.group_shape(shape)[0]
     try:
-        before = StreamCodes.decode(old.coder, old.data, counts[0], g)
+        before = StreamCodes.decode(old.coder, old.data, groups_old)
     except ValueError as err:
         raise FormatError(f"{spec.kind.upper()} metadata: {err}") from None
-    after = StreamCodes.decode(new.coder, new.data, counts[1], g)
+    after = StreamCodes.decode(new.coder, new.data, groups_new)
     return Section.of(*(before + after).encode(compress=spec.mode == "lossy"))
 
 
@@ -112,15 +114,17 @@ def append(
         n_total = e.k_shape[2] + m
         outs = []
         metas: list[Section | None] = []
-        for kind, x, nb_old, book, old_meta, shape in (
-            ("k", k_all, len(e.k_blocks), e.k_codebook, cur.k_meta, e.k_shape),
-            ("v", v_all, len(e.v_blocks), e.v_codebook, cur.v_meta, e.v_shape),
+        for kind, x, book, old_meta, shape in (
+            ("k", k_all, e.k_codebook, cur.k_meta, e.k_shape),
+            ("v", v_all, e.v_codebook, cur.v_meta, e.v_shape),
         ):
+            # Whole blocks only: the rest (fewer than block_tokens beyond the window) stays in
+            # the window, exact, for the next append to complete.
             spec = StreamSpec.of(kind, s)
-            out = encode_stream(spec, x, book, spec.blocks(n_total) - nb_old, header.version)
+            out = encode_stream(spec, x, book, spec.blocks(x.shape[2]), header.version)
             outs.append(out)
-            counts_kv = (nb_old, len(out.blocks))
-            metas.append(_merged_meta(spec, shape, counts_kv, old_meta, out.meta))
+            sizes = (e.block_tokens(kind), len(out.blocks))
+            metas.append(_merged_meta(spec, shape, sizes, old_meta, out.meta))
         idx = cur.indices
         if idx is not None:
             old_idx = decode_indices(idx.data, e.k_shape[:3], None)

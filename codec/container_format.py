@@ -34,15 +34,18 @@ _STREAM_CODERS = {"lossy": ("huffman", "zstd"), "fixed": ("fixed",), "lossless":
 
 @dataclass(frozen=True)
 class SectionRef:
-    """Where a section lives: offset from the start of the data region, length, crc32, coder."""
+    """Where a section lives: offset from the start of the data region, length, crc32, coder;
+    `tokens`: the token count of a v2 quantised block shorter than block_tokens (else None)."""
 
     offset: int
     length: int
     crc: int
     coder: str
+    tokens: int | None = None
 
     def to_json(self) -> list[object]:
-        return [self.offset, self.length, self.crc, self.coder]
+        out: list[object] = [self.offset, self.length, self.crc, self.coder]
+        return out if self.tokens is None else [*out, self.tokens]
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,14 @@ class LayerEntry:
     @property
     def stored_bytes(self) -> int:
         return sum(r.length for _, r in self.named_sections())
+
+    def block_tokens(self, kind: str) -> list[int]:
+        """Tokens in each block of stream `kind` ("k"/"v"), oldest first."""
+        t = self.settings.block_tokens
+        return [
+            t if r.tokens is None else r.tokens
+            for r in (self.k_blocks if kind == "k" else self.v_blocks)
+        ]
 
 
 @dataclass(frozen=True)

@@ -46,15 +46,18 @@ def _shape(value: object, what: str) -> tuple[int, int, int, int]:
     return b, h, n, d
 
 
-def _ref(value: object, what: str, coders: tuple[str, ...]) -> SectionRef:
-    if not isinstance(value, list) or len(value) != 4:
+def _ref(value: object, what: str, coders: tuple[str, ...], short_below: int = 0) -> SectionRef:
+    """A section record; `short_below` > 0 allows a 5th element, the token count (1 to
+    short_below - 1) of a block shorter than the block length."""
+    if not isinstance(value, list) or not 4 <= len(value) <= (5 if short_below else 4):
         raise FormatError(f"header: {what} must be [offset, length, crc32, coder]")
     off = _int(value[0], f"{what} offset", 0, 1 << 62)
     length = _int(value[1], f"{what} length", 0, 1 << 62)
     crc = _int(value[2], f"{what} crc32", 0, 0xFFFFFFFF)
     if value[3] not in coders:
         raise FormatError(f"header: {what} coder {value[3]!r} not one of {list(coders)}")
-    return SectionRef(off, length, crc, str(value[3]))
+    tokens = _int(value[4], f"{what} tokens", 1, short_below - 1) if len(value) == 5 else None
+    return SectionRef(off, length, crc, str(value[3]), tokens)
 
 
 def _codebook(value: object, what: str, n_levels: int) -> tuple[int, ...] | None:
@@ -118,12 +121,31 @@ def _entry(value: object, pos: int, base: QuantSettings, dtype: str, version: in
         ("v", settings.v_window, v_shape),
     ):
         raw = value[f"{kind}_blocks"]
-        nb = encoded_tokens(shape[2], window, settings.block_tokens) // settings.block_tokens
-        if not isinstance(raw, list) or len(raw) != nb:
-            raise FormatError(f"header: {at} {kind}_blocks must list {nb} blocks")
-        blocks.append(
-            tuple(_ref(r, f"{at} {kind.upper()} block {i}", coders) for i, r in enumerate(raw))
-        )
+        t = settings.block_tokens
+        whole = encoded_tokens(shape[2], window, t)
+        if version < 2 or settings.mode == "lossless":
+            if not isinstance(raw, list) or len(raw) != whole // t:
+                raise FormatError(f"header: {at} {kind}_blocks must list {whole // t} blocks")
+            refs = tuple(
+                _ref(r, f"{at} {kind.upper()} block {i}", coders) for i, r in enumerate(raw)
+            )
+        else:
+            # v2 quantised streams: blocks of t tokens, or fewer where a block records its
+            # count; together they hold every token older than the window, except fewer than
+            # t when append left them in the window.
+            most = max(0, shape[2] - window)
+            if not isinstance(raw, list) or len(raw) > most:
+                raise FormatError(f"header: {at} {kind}_blocks must list at most {most} blocks")
+            refs = tuple(
+                _ref(r, f"{at} {kind.upper()} block {i}", coders, t) for i, r in enumerate(raw)
+            )
+            held = sum(t if r.tokens is None else r.tokens for r in refs)
+            if not most - t < held <= most:
+                raise FormatError(
+                    f"header: {at} {kind}_blocks hold {held} tokens, expected "
+                    f"{max(0, most - t + 1)} to {most}"
+                )
+        blocks.append(refs)
     metas: list[SectionRef | None] = [None, None]
     if version >= 2:
         quantised = settings.mode != "lossless"

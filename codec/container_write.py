@@ -42,7 +42,9 @@ def write(
 
     def place(sec: Section) -> list[object]:
         nonlocal cursor
-        ref = [cursor, len(sec.data), sec.crc, sec.coder]
+        ref: list[object] = [cursor, len(sec.data), sec.crc, sec.coder]
+        if sec.tokens is not None:  # a short block (v2)
+            ref.append(sec.tokens)
         parts.append(sec.data)
         cursor += len(sec.data)
         return ref

@@ -27,15 +27,17 @@ crc32 = isal_zlib.crc32
 
 @dataclass(frozen=True)
 class Section:
-    """One independently checksummed piece of a container: coder name, bytes, crc32."""
+    """One independently checksummed piece of a container: coder name, bytes, crc32; `tokens`:
+    a v2 quantised block shorter than block_tokens records its token count (else None)."""
 
     coder: str
     data: bytes
     crc: int
+    tokens: int | None = None
 
     @classmethod
-    def of(cls, coder: str, data: bytes) -> Section:
-        return cls(coder, data, crc32(data))
+    def of(cls, coder: str, data: bytes, tokens: int | None = None) -> Section:
+        return cls(coder, data, crc32(data), tokens)
 
 
 @dataclass(frozen=True)
@@ -149,30 +151,53 @@ def encode_stream(
     n_blocks: int | None = None,
     version: int = VERSION,
 ) -> _StreamOut:
-    """Encode K or V [B, H, n, d] as `spec` says: the first n_blocks blocks (default: all whole
-    blocks older than the window) as block sections, the rest as the window section.
-    `codebook` is reused if given; `version`: the container format the blocks are laid out for
-    (2: compact group metadata, 1: fp32, for appending to v1 containers)."""
+    """Encode K or V [B, H, n, d] as `spec` says, as block sections and a window section.
+
+    Default: every token older than the window goes into blocks, whole blocks of block_tokens
+    and, in v2 lossy/fixed modes, one last short block of the rest (so the window holds exactly
+    the window setting's tokens; v1 and lossless keep those tokens in the window). n_blocks:
+    exactly that many whole blocks, the rest in the window (append). `codebook` is reused if
+    given; `version`: the container format the blocks are laid out for (2: compact group
+    metadata, 1: fp32 per block, for appending to v1 containers)."""
     t = spec.block_tokens
+    lattice = version >= 2
     nb = spec.blocks(x.shape[2]) if n_blocks is None else n_blocks
-    enc, tail = x[:, :, : nb * t], x[:, :, nb * t :]
+    short = 0
+    if n_blocks is None and lattice and spec.mode != "lossless":
+        short = max(0, x.shape[2] - spec.window) - nb * t
+    enc_end = nb * t + short
+    enc, tail = x[:, :, :enc_end], x[:, :, enc_end:]
     window = _window_section(tail)
     if spec.mode == "lossless":
         sq_norm = float(x.to(torch.float32).square().sum())
         blocks = [_window_section(enc[:, :, i * t : (i + 1) * t]) for i in range(nb)]
         return _StreamOut(blocks, window, None, 0.0, 0.0, sq_norm, 0, 0, 0.0)
-    lattice = version >= 2
-    qz = quant.quantize_blocks(x, spec.grouping, t, spec.error_bound, nb, lattice=lattice)
+    parts = [quant.quantize_blocks(x, spec.grouping, t, spec.error_bound, nb, lattice=lattice)]
+    if short:  # its own groups: a V block of fewer tokens has fewer groups
+        last = x[:, :, nb * t : enc_end]
+        parts.append(
+            quant.quantize_blocks(last, spec.grouping, short, spec.error_bound, 1, lattice=True)
+        )
+    symbols = np.concatenate([q.symbols for q in parts])
+    counts = np.concatenate([q.counts for q in parts])
+    hist = np.concatenate([q.hist for q in parts])
     # Window tokens are exact: only their squares add to the norm.
-    sq_norm = qz.sq_norm + float(tail.to(torch.float64).square().sum())
+    sq_norm = sum(q.sq_norm for q in parts) + float(tail.to(torch.float64).square().sum())
     lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
-    coded = entropy.encode_symbol_blocks(qz.symbols, qz.counts, spec, lengths, qz.hist)
+    coded = entropy.encode_symbol_blocks(symbols, counts, spec, lengths, hist)
+    sizes = [t] * nb + ([short] if short else [])
     meta = None
     if lattice:  # one metadata section; lossy entropy-codes it, fixed (the baseline) keeps it raw
-        meta = Section.of(*block_meta.StreamCodes.of(qz).encode(compress=spec.mode == "lossy"))
-        blocks = [Section.of(c, p) for c, p in zip(coded.coders, coded.payloads, strict=True)]
+        codes = block_meta.StreamCodes.of(parts[0])
+        for q in parts[1:]:
+            codes = codes + block_meta.StreamCodes.of(q)
+        meta = Section.of(*codes.encode(compress=spec.mode == "lossy"))
+        blocks = [
+            Section.of(c, p, size if size < t else None)
+            for c, p, size in zip(coded.coders, coded.payloads, sizes, strict=True)
+        ]
     else:
-        heads = block_meta.encode_v1(qz)
+        heads = block_meta.encode_v1(parts[0])
         blocks = [
             Section.of(coder, heads[i] + payload)
             for i, (coder, payload) in enumerate(zip(coded.coders, coded.payloads, strict=True))
@@ -183,10 +208,10 @@ def encode_stream(
         blocks,
         window,
         new_book,
-        qz.max_err,
-        qz.sq_err,
+        max(q.max_err for q in parts),
+        sum(q.sq_err for q in parts),
         sq_norm,
-        int(qz.symbols.size),
+        int(symbols.size),
         coded_bits,
         entropy.histogram_bits(coded.histogram),
         meta,

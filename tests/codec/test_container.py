@@ -70,7 +70,11 @@ def test_round_trip_and_header(mode: str) -> None:
     assert header.k_shapes == [tuple(k.shape) for k in ks]
     assert header.raw_bytes[0] == (ks[0].numel() + vs[0].numel()) * 2
     assert sum(header.stored_bytes) < len(blob)
-    assert len(header.coders[0]["k"]) == (70 - 8) // 16
+    # v2 quantises the tokens before the window that do not fill a block as one short block.
+    whole, rest = divmod(70 - 8, 16)
+    short = [rest] if mode != "lossless" else []
+    assert header.entries[0].block_tokens("k") == [16] * whole + short
+    assert len(header.coders[0]["k"]) == whole + len(short)
     out = decode(blob)
     for a, b in zip(idx, out.indices, strict=True):
         assert b is not None and torch.equal(a, b)
@@ -142,7 +146,7 @@ def test_append_encodes_only_new_blocks(mode: str) -> None:
         assert len(ne.k_blocks) > len(oe.k_blocks)
     after = decode(grown)
     for i in range(3):
-        enc = len(old_h.entries[i].k_blocks) * 16
+        enc = sum(old_h.entries[i].block_tokens("k"))  # incl. a short last block (v2)
         assert torch.equal(after.keys[i][:, :, :enc], before.keys[i][:, :, :enc])
         assert torch.equal(after.keys[i][:, :, -8:], new_k[i][:, :, -8:])  # window stays exact
         ai = after.indices[i]
@@ -284,10 +288,10 @@ def with_section(
         for sec_name, ref in e.named_sections():
             start = h.data_offset + ref.offset
             body = blob[start : start + ref.length]
-            rec = [cursor, ref.length, ref.crc, ref.coder]
+            rec = [cursor, ref.length, ref.crc, ref.coder] + ([ref.tokens] if ref.tokens else [])
             if e.layer == layer and sec_name == name:
                 body = data
-                rec = [cursor, len(data), zlib.crc32(data), coder or ref.coder]
+                rec = [cursor, len(data), zlib.crc32(data), coder or ref.coder, *rec[4:]]
             parts.append(body)
             cursor += len(body)
             if sec_name in keys:
@@ -309,12 +313,12 @@ def test_damaged_group_metadata_is_rejected(mode: str) -> None:
     meta = read_header(blob).entries[0].k_meta
     assert meta is not None and meta.coder == ("meta-zstd" if mode == "lossy" else "meta-raw")
     assert decode(with_section(blob, 0, "K block 0", block_bytes(blob)[0])).layers == [0, 1]
-    g = 2 * 8  # K channel groups per block: B * H * d
-    codes = np.zeros(4 * 2 * g, dtype=np.uint8)  # 2 blocks: step codes 0 (out of range)
-    bad_code = codes.tobytes()
-    escaped = np.full(2 * g, 0xFFFF, dtype="<u2").view(np.uint8).reshape(-1, 2).T.tobytes()
-    escaped += bytes(4 * g)  # anchor codes, then no fp32 values at all
-    inf_meta = escaped[: 4 * g] + np.zeros(2 * 2 * g, dtype=np.uint8).tobytes()
+    # K channel groups: B * H * d = 16 per block, 3 blocks (2 of 16 tokens, 1 of 8)
+    assert read_header(blob).entries[0].block_tokens("k") == [16, 16, 8]
+    n = 3 * 16
+    bad_code = bytes(4 * n)  # step codes 0: out of range
+    escaped = np.full(n, 0xFFFF, dtype="<u2").view(np.uint8).reshape(-1, 2).T.tobytes()
+    escaped += bytes(2 * n)  # anchor codes, then no fp32 values at all
     cases = [
         (bad_code, "meta-raw", "step code"),
         (bad_code[:-1], "meta-raw", "cannot hold"),
@@ -324,14 +328,13 @@ def test_damaged_group_metadata_is_rejected(mode: str) -> None:
         (bad_code, "meta-zstd", "zstd"),
         (bad_code, "zip", "coder"),
     ]
-    del inf_meta
     for data, coder, match in cases:
         bad = with_section(blob, 0, "K metadata", data, coder)
         with pytest.raises(FormatError, match=match):
             verify(bad)
         with pytest.raises(FormatError, match=match):
             decode(bad)
-    fp = np.array([np.inf, 1.0], dtype="<f4").repeat(2 * g)  # non-finite escaped minimum
+    fp = np.array([np.inf, 1.0], dtype="<f4").repeat(n)  # non-finite escaped minima
     bad = with_section(blob, 0, "K metadata", escaped + fp.tobytes(), "meta-raw")
     with pytest.raises(FormatError, match="non-finite"):
         decode(bad)
@@ -354,3 +357,46 @@ def test_v2_header_metadata_fields_are_checked(small_blob: bytes) -> None:
     for edit, match in cases:
         with pytest.raises(FormatError, match=match):
             verify(rewrite_header(small_blob, edit))
+
+
+@pytest.mark.parametrize("grouping", ["channel", "block"])
+def test_short_last_block_and_append_after_it(grouping: str) -> None:
+    """v2 quantises the tokens that do not fill a block as one short block (the window holds
+    exactly its setting); append keeps it in place and adds whole blocks after it."""
+    ks, vs, _ = ragged_cache(dtype=torch.bfloat16, lengths=(45, 7))
+    s = QuantSettings(block_tokens=16, k_grouping=grouping, v_window=3)
+    blob = encode(ks, vs, settings=s)
+    h = verify(blob)
+    assert [e.block_tokens("k") for e in h.entries] == [[16, 16, 13], [7]]
+    assert [e.block_tokens("v") for e in h.entries] == [[16, 16, 10], [4]]
+    out = decode(blob)
+    for i in range(2):
+        check_bound(ks[i], out.keys[i], "k", s)
+        check_bound(vs[i], out.values[i], "v", s)
+    gen = torch.Generator().manual_seed(4)
+    new_k = [torch.randn(1, 2, 20, 8, generator=gen).bfloat16() for _ in range(2)]
+    new_v = [torch.randn(1, 2, 20, 6, generator=gen).bfloat16() for _ in range(2)]
+    grown = append(blob, new_k, new_v)
+    g = verify(grown)
+    assert [e.block_tokens("k") for e in g.entries] == [[16, 16, 13, 16], [7, 16]]
+    assert [e.block_tokens("v") for e in g.entries] == [[16, 16, 10, 16], [4, 16]]
+    after = decode(grown)
+    for i, n in enumerate((45, 7)):
+        assert torch.equal(after.keys[i][:, :, :n], out.keys[i])  # old blocks unchanged
+        assert torch.equal(after.values[i][:, :, : n - 3], out.values[i][:, :, : n - 3])
+        assert torch.equal(after.keys[i][:, :, n + 16 :], new_k[i][:, :, 16:])  # window exact
+    full_k = [torch.cat([k, nk], dim=2) for k, nk in zip(ks, new_k, strict=True)]
+    err = (after.keys[0][:, :, 45:61].float() - full_k[0][:, :, 45:61].float()).abs().max()
+    assert float(err) < 0.5
+    doc = json.loads(blob[16 : 16 + struct.unpack_from("<I", blob, 8)[0]])
+    layer = doc["layers"][0]
+    too_long = [*layer["k_blocks"][:2], [*layer["k_blocks"][2][:4], 16]]
+    for blocks, match in (
+        (too_long, "tokens"),
+        ([layer["k_blocks"][0], layer["k_blocks"][2]], "hold 29 tokens"),
+        ([*layer["k_blocks"][:2], [*layer["k_blocks"][2][:4], 14]], "hold 46 tokens"),
+    ):
+        with pytest.raises(FormatError, match=match):
+            verify(
+                rewrite_header(blob, {"layers": [{**layer, "k_blocks": blocks}, doc["layers"][1]]})
+            )

@@ -112,8 +112,8 @@ def check_case(name: str, manifest_file: str, version: int) -> None:
         if s.mode == "lossless":
             assert torch.equal(out.keys[i], ks[i]) and torch.equal(out.values[i], vs[i])
         else:
-            check_bound(ks[i], out.keys[i], "k", own[i])
-            check_bound(vs[i], out.values[i], "v", own[i])
+            check_bound(ks[i], out.keys[i], "k", own[i], version)
+            check_bound(vs[i], out.values[i], "v", own[i], version)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
