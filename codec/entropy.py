@@ -24,18 +24,23 @@ import numpy as np
 import zstandard
 
 from kvpack.codec import huffman, kernels, lossless
+from kvpack.codec.kernels import zstd_native
 from kvpack.codec.stream import StreamSpec
 
 # Huffman replaces zstd in "auto" only when at least this much smaller: below it zstd's faster
 # decoder is worth more than the bytes.
 HUFFMAN_MARGIN = 0.01
-# zstd's "fast" strategy with its large-input level-1 tables, min_match 7: on quantised symbols
-# short matches are mostly noise (min_match 5-6 made V blocks 3-10 % larger than Huffman, 7
-# 0.2 %) while rows repeated exactly still match. 128 KiB window: a block is at most that here.
+# zstd's "fast" strategy, min_match 7: on quantised symbols short matches are mostly noise
+# (min_match 5-6 made V blocks 3-10 % larger than Huffman, 7 0.2 %) while rows repeated exactly
+# still match. 128 KiB window: a block is at most that here. hash_log 10 (level 1 uses 13-17):
+# fewer, older candidates mean fewer chance matches on smooth V streams, which zstd found and
+# coded at a cost: V of the synthetic Llama cache compresses 1.5-1.7x faster and 0.5 % smaller,
+# K (no matches) a little faster; on the reference model's caches, where rows repeat and zstd
+# beats Huffman by up to 4x, sizes stay within 0.2 % (docs/PERFORMANCE.md, issue #21).
 ZSTD_PARAMS = zstandard.ZstdCompressionParameters(
     window_log=17,
     chain_log=12,
-    hash_log=13,
+    hash_log=10,
     search_log=1,
     min_match=7,
     target_length=0,
@@ -212,6 +217,42 @@ def _decode_zstd(
     lengths: np.ndarray | None,
     out: np.ndarray,
 ) -> None:
+    if not zstd_native.AVAILABLE:
+        _decode_zstd_python(which, payloads, counts, pos, spec, out)
+        return
+    # One nogil call for all blocks, libzstd writing each straight into `out`.
+    parts = [payloads[i] for i in which]
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in parts])
+    buf = np.frombuffer(b"".join(parts), dtype=np.uint8)
+    nbytes = counts[which] * spec.symbol_width
+    bad = zstd_native.zstd_decode_blocks(
+        zstd_native.DECOMPRESS_DCTX,
+        zstd_native.FRAME_SIZE,
+        zstd_native.context(),
+        buf,
+        offsets,
+        nbytes,
+        out,
+        pos[which],
+    )
+    if bad >= 0:
+        i = which[bad]
+        _decode_zstd_python([i], payloads, counts, pos, spec, out)  # its error names the cause
+        raise lossless.LosslessError(
+            f"zstd payload is not exactly one frame of {nbytes[bad]} bytes"
+        )
+
+
+def _decode_zstd_python(
+    which: list[int],
+    payloads: Sequence[bytes | memoryview],
+    counts: np.ndarray,
+    pos: np.ndarray,
+    spec: StreamSpec,
+    out: np.ndarray,
+) -> None:
+    """Block by block through python-zstandard (where libzstd cannot be loaded)."""
     zd = lossless.decompressor()
     width = spec.symbol_width
     dtype = "<u2" if width == 2 else np.uint8

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from kvpack.codec import huffman, kernels, quant
+from kvpack.codec import entropy, huffman, kernels, quant
+from kvpack.codec.quant_settings import QuantSettings
+from kvpack.codec.stream import StreamSpec
 
 
 def warm_up() -> None:
@@ -20,6 +22,12 @@ def warm_up() -> None:
         wide = np.empty(4, dtype=np.uint16)
         huffman.decode_blocks(payloads, [4], lengths, wide, np.zeros(1, dtype=np.int64))
         kernels.unpack_fixed(kernels.pack_fixed(syms, 2), 4, 2)
+    # zstd blocks into uint8 and uint16 symbols (libzstd's kernel, where it loads).
+    for eb in (0.5, 1 / 299):
+        spec = StreamSpec.of("v", QuantSettings(v_error_bound=eb, entropy="zstd"))
+        syms = np.zeros(4, dtype=entropy.symbol_dtype(spec.levels))
+        coded = entropy.encode_symbol_blocks(syms, np.array([4]), spec)
+        entropy.decode_symbol_blocks(coded.coders, coded.payloads, [4], spec, None)
     # Every float dtype, uint8 and uint16 symbols, and both array layouts numba tells apart
     # (one block of one head is C-contiguous once transposed; anything larger is strided).
     for float_dtype in (torch.float32, torch.float16, torch.bfloat16):

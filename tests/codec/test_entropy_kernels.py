@@ -1,6 +1,7 @@
 """The byte-symbol Huffman decoder (kernels/huffman_decode_u8.py) and the pair-table encoder:
 same symbols as the uint16 decoder, every damaged lane rejected or caught, nothing written
-outside a block's output range, cached decode tables shared safely."""
+outside a block's output range, cached decode tables shared safely. zstd blocks decoded by one
+libzstd kernel call (kernels/zstd_native.py) or block by block: same symbols, same rejections."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from kvpack.codec import huffman
+from kvpack.codec import QuantSettings, entropy, huffman
+from kvpack.codec.kernels import zstd_native
+from kvpack.codec.stream import StreamSpec
 
 
 def _skewed(n: int, alphabet: int, p: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,3 +108,48 @@ def test_threads_share_cached_tables() -> None:
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(run, range(16)))
+
+
+def _zstd_stream(levels: int) -> tuple[StreamSpec, np.ndarray, np.ndarray, entropy.CodedBlocks]:
+    spec = StreamSpec.of("v", QuantSettings(v_error_bound=1 / (levels - 1), entropy="zstd"))
+    assert spec.levels == levels
+    rng = np.random.default_rng(levels)
+    counts = np.array([5000, 0, 1, 65536, 777], dtype=np.int64)
+    syms = rng.integers(0, levels, int(counts.sum())).astype(entropy.symbol_dtype(levels))
+    syms[5001:20000] = syms[20000:34999]  # repeats: zstd matches too, not only literals
+    return spec, syms, counts, entropy.encode_symbol_blocks(syms, counts, spec)
+
+
+@pytest.mark.parametrize("levels", [11, 300])
+@pytest.mark.parametrize("native", [True, False])
+def test_zstd_blocks_decode_in_one_call_or_block_by_block(
+    levels: int, native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if native and not zstd_native.AVAILABLE:
+        pytest.skip("libzstd cannot be loaded here")
+    monkeypatch.setattr(zstd_native, "AVAILABLE", native)
+    spec, syms, counts, coded = _zstd_stream(levels)
+    assert set(coded.coders) == {"zstd"}
+    got = entropy.decode_symbol_blocks(coded.coders, coded.payloads, counts, spec, None)
+    assert got.dtype == syms.dtype and np.array_equal(got, syms)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_damaged_zstd_blocks_are_rejected(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    if native and not zstd_native.AVAILABLE:
+        pytest.skip("libzstd cannot be loaded here")
+    monkeypatch.setattr(zstd_native, "AVAILABLE", native)
+    spec, _, counts, coded = _zstd_stream(11)
+    good = list(coded.payloads)
+    frame = good[3]
+    damaged = [frame[:-1], frame[:10], b"", bytes(len(frame))]
+    if native:  # python-zstandard ignores bytes after the frame; libzstd does not
+        damaged.append(frame + b"\0")
+    for bad in damaged:
+        payloads = [*good[:3], bad, *good[4:]]
+        with pytest.raises(ValueError):
+            entropy.decode_symbol_blocks(coded.coders, payloads, counts, spec, None)
+    wrong = counts.copy()
+    wrong[3] -= 1  # the frame holds one symbol more than the block should
+    with pytest.raises(ValueError):
+        entropy.decode_symbol_blocks(coded.coders, good, wrong, spec, None)
