@@ -248,12 +248,18 @@ class SizeModel:
         t = s.block_tokens
 
         def in_blocks(window: int) -> float:
-            if expected:
+            if expected:  # the selection is trimmed to whole blocks: (t - 1) / 2 fewer slots
+                if kept - window < t:
+                    return 0.0
                 return max(0.0, kept - window - (t - 1) / 2)
             return float(max(0, int(kept) - window) // t * t)
 
         kb, vb = in_blocks(s.k_window), in_blocks(s.v_window)
-        tail = (kept - kb) + (kept - vb)
+        if expected and kept >= t:  # trimmed: nothing past the windows is left over
+            tail = float(min(kept, s.k_window) + min(kept, s.v_window))
+            kept = kb + min(kept, s.k_window)
+        else:
+            tail = (kept - kb) + (kept - vb)
         blocks = (kb + vb) / t
         return (
             self.k_token * kb
@@ -262,6 +268,29 @@ class SizeModel:
             + BLOCK_RECORD_BYTES * blocks
             + self.layer_bytes
             + (self.index_bytes * kept if with_indices else 0.0)
+        )
+
+    def data(self, kept: int) -> float:
+        """Section bytes (no header) of a layer keeping ``kept`` token slots."""
+        s = self.settings
+        kb = max(0, kept - s.k_window) // s.block_tokens * s.block_tokens
+        vb = max(0, kept - s.v_window) // s.block_tokens * s.block_tokens
+        tail = (kept - kb) + (kept - vb)
+        return (
+            self.k_token * kb
+            + self.v_token * vb
+            + self.tail_token * tail / 2
+            + (self.index_bytes * kept)
+        )
+
+    def calibrated(self, factor: float) -> SizeModel:
+        """This model with its per-token section bytes scaled by ``factor``."""
+        return dataclasses.replace(
+            self,
+            k_token=self.k_token * factor,
+            v_token=self.v_token * factor,
+            tail_token=self.tail_token * factor,
+            index_bytes=self.index_bytes * factor,
         )
 
     def total(self, kept: Sequence[int], with_indices: bool = True) -> float:
@@ -396,6 +425,17 @@ def total_damage(ratio: float, settings: QuantSettings, damage: Callable[[float]
     return damage(ratio) + (1 - ratio) * quant_damage(
         (settings.k_error_bound, settings.v_error_bound)
     )
+
+
+def whole_blocks(kept: int, settings: QuantSettings, fewest: int) -> int:
+    """The tokens a layer keeps once trimmed to whole quantisation blocks past its window:
+    the tokens a block does not take stay in full precision (8-16x the bytes of a quantised
+    one), so budget mode evicts them instead. Unchanged when the K and V windows differ or no
+    whole block fits; never below ``fewest``."""
+    t, w = settings.block_tokens, settings.k_window
+    if settings.k_window != settings.v_window or kept - w < t:
+        return kept
+    return max(min(fewest, kept), w + (kept - w) // t * t)
 
 
 def shrink_indices(indices: torch.Tensor, keep: int, scores: torch.Tensor | None) -> torch.Tensor:

@@ -209,6 +209,8 @@ class Compression:
         self.quant = model.settings
         if evicts:
             self._ratio = self._settle(model, ratio, most)
+            model = self._calibrate(model, k, v)
+            self._ratio = self._settle(model, self._ratio, most)
             assert self._indices is not None
             kept = [int(i.shape[-1]) for i in self._indices]
         else:
@@ -220,6 +222,25 @@ class Compression:
         scale = max(1.0, room / max(1.0, sum(predicted)))
         self._share_bytes = [p * scale for p in predicted]
 
+    def _calibrate(
+        self, model: budget_mode.SizeModel, k: torch.Tensor, v: torch.Tensor
+    ) -> budget_mode.SizeModel:
+        """The model scaled by what layer 0's real composite (the tokens the selection keeps,
+        not the trial's even sample) costs against its prediction: kept tokens are the
+        attended ones and compress differently from the average token."""
+        assert self._indices is not None
+        idx = self._indices[0]
+        (ck,), (cv,) = codec.gather([k], [v], [idx])
+        try:
+            enc = codec.encode_layer(ck, cv, idx, model.settings)
+        except ValueError as e:
+            raise InvalidArgument(f"encode (layer 0): {e}") from e
+        predicted = model.data(int(idx.shape[-1]))
+        if predicted <= 0:
+            return model
+        factor = min(2.0, max(0.5, enc.nbytes / predicted))
+        return model.calibrated(factor)
+
     def _settle(self, model: budget_mode.SizeModel, ratio: float, most: float) -> float:
         """The ratio whose real selection (the policy's own per-layer split: each layer's
         full-precision tail depends on it) is predicted within the goal, searched from the
@@ -229,7 +250,7 @@ class Compression:
         goal = target.budget_bytes * (1 - budget_mode.MARGIN)
         tried: dict[float, float] = {}
         for _ in range(budget_mode.SETTLE_STEPS):
-            self._select_all(ratio)
+            self._select_all(ratio, model.settings)
             assert self._indices is not None
             predicted = model.total([int(i.shape[-1]) for i in self._indices])
             tried[ratio] = predicted
@@ -239,24 +260,54 @@ class Compression:
             if nxt in tried or abs(nxt - ratio) < 1e-4:
                 break
             ratio = nxt
+        # Whole-block trimming makes the size a step function of the ratio: when the secant
+        # steps found nothing within the goal, climb from the largest ratio tried.
+        climb = max(tried)
+        while not any(p <= goal for p in tried.values()) and climb < most:
+            over = tried[climb]
+            climb = min(most, climb + max(0.005, (1 - climb) * (over - goal) / over))
+            self._select_all(climb, model.settings)
+            assert self._indices is not None
+            tried[climb] = model.total([int(i.shape[-1]) for i in self._indices])
+            ratio = climb
         fits = [r for r, p in tried.items() if p <= goal]
         best = min(fits) if fits else max(tried)
         if best != ratio:
-            self._select_all(best)
+            self._select_all(best, model.settings)
         return best
 
-    def _select_all(self, ratio: float) -> None:
-        """The GLOBAL selection of every layer at ``ratio`` (budget mode)."""
+    def _select_all(self, ratio: float, settings: QuantSettings) -> None:
+        """The GLOBAL selection of every layer at ``ratio`` (budget mode), each layer trimmed
+        to whole blocks of ``settings`` (``budget.whole_blocks``: each head drops its
+        lowest-scored tokens)."""
         r, lay = self.request, self.request.layout
         shape = (lay.num_layers, lay.batch_size, lay.num_kv_heads, lay.seq_len)
-        scores = self._budget_scores
         try:
-            self._indices = codec.select(
-                scores, policy=r.policy, num_kv_heads=lay.num_kv_heads, shape=shape,
-                ratio=ratio, **r.settings,
+            indices = codec.select(
+                self._budget_scores, policy=r.policy, num_kv_heads=lay.num_kv_heads,
+                shape=shape, ratio=ratio, **r.settings,
             )  # fmt: skip
         except ValueError as e:
             raise InvalidArgument(f"select: {e}") from e
+        scores = self._kv_scores()
+        for layer, idx in enumerate(indices):
+            b = int(idx.shape[-1])
+            keep = budget_mode.whole_blocks(b, settings, r.fewest_tokens)
+            if keep < b:
+                layer_scores = None if scores is None else scores[layer]
+                indices[layer] = idx.gather(-1, budget_mode.shrink_indices(idx, keep, layer_scores))
+        self._indices = indices
+
+    def _kv_scores(self) -> torch.Tensor | None:
+        """The statistics per KV head ``[L, B, Hkv, n]`` (query heads averaged), or None."""
+        lay = self.request.layout
+        scores = self._budget_scores
+        if scores is not None and scores.shape[2] != lay.num_kv_heads:
+            g = scores.shape[2] // lay.num_kv_heads
+            scores = scores.reshape(
+                lay.num_layers, lay.batch_size, lay.num_kv_heads, g, lay.seq_len
+            ).mean(dim=3)
+        return scores
 
     def _fit(self, results: Sequence[LayerResult]) -> bytes:
         """Budget mode's final check: the container of ``results``, re-encoded with coarser
@@ -298,11 +349,7 @@ class Compression:
                 f"slots with error bounds K{self.quant.k_error_bound}/V"
                 f"{self.quant.v_error_bound} (max_ratio {target.max_ratio:g})"
             )
-        ratio = (
-            1.0 - sum(int((x.indices >= 0).sum()) for x in results) / r.layout.entries
-            if r.selector is not None
-            else 0.0
-        )
+        ratio = _evicted(results, r) if r.selector is not None else 0.0
         q = self.quant
         assert self._damage is not None
         self.choice = pb.BudgetChoice(
@@ -372,17 +419,12 @@ class Compression:
 
     def _shrink(self, results: Sequence[LayerResult], scale: float) -> None:
         """Keep ``scale`` of every layer's composite tokens (each head its best-scored)."""
-        lay = self.request.layout
-        scores = self._budget_scores
-        if scores is not None and scores.shape[2] != lay.num_kv_heads:
-            g = scores.shape[2] // lay.num_kv_heads
-            scores = scores.reshape(
-                lay.num_layers, lay.batch_size, lay.num_kv_heads, g, lay.seq_len
-            ).mean(dim=3)
+        scores = self._kv_scores()
         for x in results:
             ck, cv = self._held[x.layer]
             b = int(x.indices.shape[-1])
             keep = max(self.request.fewest_tokens, int(b * scale))
+            keep = budget_mode.whole_blocks(keep, self.quant, self.request.fewest_tokens)
             layer_scores = None if scores is None else scores[x.layer]
             slots = budget_mode.shrink_indices(x.indices, keep, layer_scores)
             x.indices = x.indices.gather(-1, slots)
@@ -412,6 +454,8 @@ class Compression:
         r = self.request
         encoded = [x.encoded for x in results]
         assert all(e is not None for e in encoded), "store() needs a request with store=True"
+        if r.target is not None:  # the meta records the eviction ratio actually stored
+            self._ratio = _evicted(results, r) if r.selector is not None else 0.0
         return codec.assemble(
             encoded,  # type: ignore[arg-type]
             self.quant,
@@ -547,6 +591,11 @@ def compress_cache(
         results.append(result)
     stored = compression.store(results) if request.store else None
     return Outcome(results, compression.summary(results, stored), stored)
+
+
+def _evicted(results: Sequence[LayerResult], request: CompressRequest) -> float:
+    """The fraction of KV entries the layers' kept positions leave out."""
+    return 1.0 - sum(int((x.indices >= 0).sum()) for x in results) / request.layout.entries
 
 
 def _require_finite(layer: int, k: torch.Tensor, v: torch.Tensor) -> None:

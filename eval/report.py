@@ -208,6 +208,7 @@ def headline(rows: list[Row], reference: str = "kvcompose") -> str:
         )
     elif any(r.mode == "evict+lossy" for r in avg):
         lines.append("- evict+lossy: no point within 5 % relative loss")
+    lines += budget_lines(rows)
     fixed = {r.eb: r for r in avg if r.mode == "fixed"}
     for r in avg:
         if r.mode == "lossy" and r.eb in fixed:
@@ -217,3 +218,80 @@ def headline(rows: list[Row], reference: str = "kvcompose") -> str:
                 f"{r.x_ratio / fixed[r.eb].x_ratio:.2f}x, normalised accuracy {norm:.3f}"
             )
     return "\n".join(lines)
+
+
+#: Modes whose points are fixed (policy, ratio, bound) settings, for the budget comparison.
+FIXED_MODES = ("baseline", "evict", "lossy", "fixed", "evict+lossy")
+
+
+def best_fixed_within(rows: list[Row], stored_bytes: float, task: str = ALL) -> Row | None:
+    """The most accurate fixed point of ``task`` storing at most ``stored_bytes`` (ties: the
+    smaller one), or None when every fixed point stores more."""
+    fits = [
+        r
+        for r in rows
+        if r.task == task and r.mode in FIXED_MODES and r.stored_bytes <= stored_bytes
+    ]
+    return max(fits, key=lambda r: (r.accuracy, -r.stored_bytes), default=None)
+
+
+def budget_table(rows: list[Row], results: list[PointResult] | None = None, task: str = ALL) -> str:
+    """Markdown: each budget point (accuracy, bytes, the mean eviction ratio it chose when
+    ``results`` are given) against the best fixed (policy, ratio, bound) point storing no more,
+    and whether it is within one standard error of it or better."""
+    base = next((r.accuracy for r in rows if r.task == task and r.mode == "baseline"), 0.0)
+    chosen: dict[tuple[str, str], list[float]] = {}
+    for res in results or []:
+        if res.spec.mode == "budget" and (task == ALL or res.task == task):
+            chosen.setdefault((res.spec.policy, res.spec.quant_label), []).append(res.token_ratio)
+    lines = [
+        "| budget | policy | accuracy % | ± | of uncompressed | x vs fp16 | chosen ratio (mean) "
+        "| best fixed point storing no more | its accuracy % | budget - fixed |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        if r.task != task or r.mode != "budget":
+            continue
+        ratios = chosen.get((r.policy, r.eb), [])
+        mean = f"{sum(ratios) / len(ratios):.3f}" if ratios else "-"
+        best = best_fixed_within(rows, r.stored_bytes, task)
+        name = "none"
+        if best is not None:
+            name = f"{best.mode} {best.policy} {best.ratio:g} {best.eb} ({best.x_ratio:.1f}x)"
+        fixed_acc = f"{100 * best.accuracy:.1f}" if best else "-"
+        diff = f"{100 * (r.accuracy - best.accuracy):+.1f}" if best else "-"
+        norm = f"{100 * r.accuracy / base:.0f} %" if base else "-"
+        lines.append(
+            f"| {r.eb.removeprefix('budget ')} | {r.policy} | {100 * r.accuracy:.1f} | "
+            f"{100 * r.stderr:.1f} | {norm} | {r.x_ratio:.2f} | {mean} | {name} | {fixed_acc} "
+            f"| {diff} |"
+        )
+    return "\n".join(lines)
+
+
+def budget_lines(rows: list[Row]) -> list[str]:
+    """Headline bullets of the budget points (issue #23): accuracy relative to uncompressed,
+    and against the best fixed point storing no more (dominates: not below it by more than
+    one standard error)."""
+    avg = [r for r in rows if r.task == ALL]
+    base = next((r.accuracy for r in avg if r.mode == "baseline"), 0.0)
+    out = []
+    for r in avg:
+        if r.mode != "budget":
+            continue
+        best = best_fixed_within(rows, r.stored_bytes)
+        norm = r.accuracy / base if base else 0.0
+        text = (
+            f"- {r.eb} ({r.policy}): {100 * r.accuracy:.1f} % ± {100 * r.stderr:.1f} at "
+            f"{r.x_ratio:.1f}x vs fp16, {100 * norm:.0f} % of uncompressed"
+        )
+        if best is None:
+            text += "; no fixed point stores as little"
+        else:
+            verdict = "dominates" if r.accuracy >= best.accuracy - r.stderr else "below"
+            text += (
+                f"; best fixed point storing no more: {best.mode} {best.policy} {best.ratio:g} "
+                f"{best.eb} {100 * best.accuracy:.1f} % at {best.x_ratio:.1f}x ({verdict})"
+            )
+        out.append(text)
+    return out

@@ -28,8 +28,10 @@ from kvpack.codec import POLICIES
 from kvpack.codec.selection import make_policy
 from kvpack.eval.tasks import VOCAB_SIZE, Example
 
-Mode = Literal["baseline", "evict", "lossy", "fixed", "evict+lossy"]
-MODES: tuple[Mode, ...] = ("evict", "lossy", "fixed", "evict+lossy")
+Mode = Literal["baseline", "evict", "lossy", "fixed", "evict+lossy", "budget"]
+MODES: tuple[Mode, ...] = ("evict", "lossy", "fixed", "evict+lossy", "budget")
+#: Container setting of budget points: kvpack chooses the ratio, bounds and block.
+BUDGET_QUANT: dict[str, Any] = {"mode": "lossy"}
 StatsKind = Literal["agnostic", "aware", "window", "last"]
 
 #: SnapKV's observation window (kvpress default) for the window statistics.
@@ -58,24 +60,29 @@ class Quant:
 @dataclass(frozen=True)
 class PointSpec:
     """One compression point: ``policy`` at ``ratio`` (fraction of tokens removed) with
-    container settings ``quant`` (``QuantSettings`` fields); ``quant_label`` is '' for lossless."""
+    container settings ``quant`` (``QuantSettings`` fields); ``quant_label`` is '' for lossless.
+    Budget points (mode "budget") have ``target`` (x smaller than fp16) instead of a ratio and
+    bounds: kvpack chooses them (``compress(target_ratio=...)``)."""
 
     mode: Mode
     policy: str
     ratio: float
     quant_label: str
     quant: dict[str, Any]
+    target: float = 0.0
 
 
 @dataclass
 class PointResult:
-    """A point's outcome on one example: exact match and the container's bytes."""
+    """A point's outcome on one example: exact match, the container's bytes and the fraction
+    of KV entries evicted (a budget point's choice)."""
 
     task: str
     spec: PointSpec
     correct: bool
     stored_bytes: int
     fp16_bytes: int
+    token_ratio: float = 0.0
 
 
 @dataclass
@@ -92,6 +99,8 @@ class EvalConfig:
     combo_policies: list[str]
     stats: Literal["agnostic", "aware", "window"] = "agnostic"
     seed: int = 1234
+    #: Budget points (mode "budget"): x smaller than fp16, each with every combo policy.
+    targets: list[float] = field(default_factory=list)
     points: list[PointSpec] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +131,12 @@ def plan_points(config: EvalConfig) -> list[PointSpec]:
             for p in config.combo_policies
             for r in config.ratios
             for q in config.quants
+        ]
+    if "budget" in config.modes:
+        points += [
+            PointSpec("budget", p, 0.0, f"budget {t:g}x", BUDGET_QUANT, target=t)
+            for p in config.combo_policies
+            for t in config.targets
         ]
     return points
 
@@ -217,17 +232,21 @@ def run_point(
     stats: str,
     question: torch.Tensor,
     answer: torch.Tensor,
-) -> tuple[bool, int, int]:
-    """Compress, fetch, answer: ``(correct, stored bytes, fp16 bytes)`` of one point."""
+) -> tuple[bool, int, int, float]:
+    """Compress, fetch, answer: ``(correct, stored bytes, fp16 bytes, token ratio)`` of one
+    point."""
     kind = None if spec.policy == "none" else stats_kind(spec.policy, stats)
+    budget: dict[str, Any] = {"ratio": None if spec.policy == "none" else spec.ratio}
+    if spec.mode == "budget":
+        budget = {"target_ratio": spec.target}
     result = client.compress(
         pre.keys,
         pre.values,
         scores=None if kind is None else pre.scores[kind],
         policy=spec.policy,
-        ratio=None if spec.policy == "none" else spec.ratio,
         quant=spec.quant,
         return_cache=False,
+        **budget,
     )
     decoded = client.fetch(result.key, device=question.device)
     client.delete(result.key)  # a long run would otherwise keep every container in the store
@@ -237,7 +256,8 @@ def run_point(
     )
     n = pre.keys[0].shape[2]
     got = generate_from(model, cache, question, answer.shape[1], n)
-    return bool(torch.equal(got, answer)), result.stored_bytes, result.input_bytes
+    ok = bool(torch.equal(got, answer))
+    return ok, result.stored_bytes, result.input_bytes, result.token_ratio
 
 
 def run_eval(
@@ -267,10 +287,10 @@ def run_eval(
             context, question, answer = split_example(example, mapping, device)
             pre = prefill(model, context, question, kinds)
             for spec in config.points:
-                ok, stored, fp16 = run_point(
+                ok, stored, fp16, evicted = run_point(
                     model, client, pre, spec, config.stats, question, answer
                 )
-                results.append(PointResult(task, spec, ok, stored, fp16))
+                results.append(PointResult(task, spec, ok, stored, fp16, evicted))
                 if progress is not None:
                     progress(task)
     return results
