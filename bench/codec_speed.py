@@ -12,6 +12,13 @@ which is what a restore loop that keeps its buffers pays: no allocation, no firs
 The head_dim-32 cache has the reference model's layout (eval/model.py: 4 layers, 2 KV heads,
 head_dim 32, batch 1) at --seq tokens, synthetic values from the same generator.
 
+Stages (`stages`): thread CPU time per call of each step of one stream's encode and decode on
+the calling thread, best of --repeats, summed over the cache's layers, in ns per value (ns per
+symbol for the entropy steps): quantise, entropy encode ("auto", and each coder forced),
+entropy decode, dequantise. Thread CPU time counts only this thread's running time, so the
+figures hold on a loaded machine (other processes only slow them through shared caches/cores),
+and they say which step to work on next.
+
 Restore vs recompute: the seconds to decode Llama-3-8B's 4096-token cache (32 layers, 8 KV
 heads, head_dim 128, fp16: 512 MiB) at the decode rates measured here, per core and on all
 cores of this machine, next to the prefill time that cache represents at
@@ -22,9 +29,11 @@ Llama-3-8B; pass your own measurement).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -33,7 +42,16 @@ import torch
 
 from kvpack.bench.lossy import synthetic_kv
 from kvpack.bench.timing import gbps, measure
-from kvpack.codec import QuantSettings, assemble, decode, dtype_from_name, encode_layer
+from kvpack.codec import (
+    QuantSettings,
+    assemble,
+    decode,
+    dtype_from_name,
+    encode_layer,
+    entropy,
+    quant,
+)
+from kvpack.codec.stream import StreamSpec
 
 LLAMA_CACHE = {"layers": 32, "kv_heads": 8, "head_dim": 128, "tokens": 4096}
 REFERENCE_LAYOUT = {"layers": 4, "kv_heads": 2, "head_dim": 32}
@@ -88,6 +106,83 @@ def _shape_figures(ks: list[torch.Tensor], vs: list[torch.Tensor], repeats: int)
     return out
 
 
+def _cpu_time(fn: Callable[[], object], repeats: int) -> float:
+    """Best thread CPU seconds of `fn` over `repeats` calls after one untimed call."""
+    fn()
+    best = math.inf
+    for _ in range(max(1, repeats)):
+        start = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - start)
+    return best
+
+
+def _stage_figures(ks: list[torch.Tensor], vs: list[torch.Tensor], repeats: int) -> dict[str, Any]:
+    """Per stream kind: ns per value of quantise / dequantise and ns per symbol of the entropy
+    steps (thread CPU time, best of `repeats`, summed over layers), bits per symbol and the
+    coder mix "auto" chose."""
+    out: dict[str, Any] = {}
+    s = QuantSettings()
+    for kind, xs in (("k", ks), ("v", vs)):
+        spec = StreamSpec.of(kind, s)
+        t = spec.block_tokens
+        secs: dict[str, float] = {}
+        values = symbols = coded_bytes = 0
+        coders: dict[str, int] = {}
+        for x in xs:
+            nb = spec.blocks(x.shape[2])
+            values += nb * t * x.shape[0] * x.shape[1] * x.shape[3]
+            qz = quant.quantize_blocks(x, spec.grouping, t, spec.error_bound, nb)
+            symbols += int(qz.symbols.size)
+            steps: dict[str, Callable[[], object]] = {
+                "quantise": functools.partial(
+                    quant.quantize_blocks, x, spec.grouping, t, spec.error_bound, nb
+                )
+            }
+            coded = entropy.encode_symbol_blocks(qz.symbols, qz.counts, spec, None, qz.hist)
+            coded_bytes += sum(len(p) for p in coded.payloads)
+            for c in coded.coders:
+                coders[c] = coders.get(c, 0) + 1
+            for coder in ("auto", "zstd", "huffman"):
+                forced = dataclasses.replace(spec, entropy=coder)
+                steps[f"entropy_encode_{coder}"] = functools.partial(
+                    entropy.encode_symbol_blocks, qz.symbols, qz.counts, forced, None, qz.hist
+                )
+            steps["entropy_decode_auto"] = functools.partial(
+                entropy.decode_symbol_blocks,
+                coded.coders,
+                coded.payloads,
+                qz.counts,
+                spec,
+                coded.lengths,
+            )
+            target = torch.empty_like(x)
+            steps["dequantise"] = functools.partial(
+                quant.dequantize_blocks,
+                qz.symbols,
+                qz.mn,
+                qz.step,
+                spec.grouping,
+                spec.levels,
+                target,
+                t,
+            )
+            for name, fn in steps.items():
+                secs[name] = secs.get(name, 0.0) + _cpu_time(fn, repeats)
+        per = {
+            name: sec * 1e9 / (values if name in ("quantise", "dequantise") else max(symbols, 1))
+            for name, sec in secs.items()
+        }
+        out[kind] = {
+            "ns_per_value_or_symbol": per,
+            "values": values,
+            "symbols": symbols,
+            "bits_per_symbol": 8 * coded_bytes / max(symbols, 1),
+            "auto_coders": coders,
+        }
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Per-core and 2-thread codec figures, and the restore-vs-recompute line."""
     torch.set_num_threads(1)
@@ -104,6 +199,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "llama": _shape_figures(*llama, args.repeats),
         "head_dim_32": _shape_figures(*ref, args.repeats),
+        "stages": {
+            "llama": _stage_figures(*llama, args.repeats),
+            "head_dim_32": _stage_figures(*ref, args.repeats),
+        },
     }
     cache_bytes = 2 * 2 * math.prod(LLAMA_CACHE.values())  # K and V, fp16
     tokens_per_s = float(getattr(args, "prefill_tokens_per_s", DEFAULT_PREFILL_TOKENS_PER_S))
