@@ -158,7 +158,7 @@ def test_kvcompose_uniform_spends_equal_budget_per_layer() -> None:
     kept = select(s, 0.5, "kvcompose_uniform")
     assert [t.shape[-1] for t in kept] == [20] * 4
     # Same per-head ranking as kvcompose: the narrower of the two selections nests in the other.
-    full = select(s, 0.5)
+    full = select(s, 0.5, "kvcompose")
     for u, f in zip(kept, full, strict=True):
         for h in range(2):
             a, b = set(u[0, h].tolist()), set(f[0, h].tolist())

@@ -60,15 +60,15 @@ def test_select_rejects_bad_scores() -> None:
 def test_select_rejects_mismatched_cache() -> None:
     s = torch.rand(2, 1, 4, 8)
     with pytest.raises(ValueError, match="list of 2 layer tensors"):
-        select(s, 0.5, num_kv_heads=2, add_v_norm=True, values=_cache(3, 1, 2, 8, 0))
+        select(s, 0.5, "kvcompose", num_kv_heads=2, add_v_norm=True, values=_cache(3, 1, 2, 8, 0))
     with pytest.raises(ValueError, match=r"values\[0\] must be \[B=1, Hkv=2, n=8, d\]"):
-        select(s, 0.5, num_kv_heads=2, add_v_norm=True, values=_cache(2, 1, 4, 8, 0))
+        select(s, 0.5, "kvcompose", num_kv_heads=2, add_v_norm=True, values=_cache(2, 1, 4, 8, 0))
     with pytest.raises(ValueError, match="needs values"):
-        select(s, 0.5, num_kv_heads=2, add_v_norm="true")
+        select(s, 0.5, "kvcompose", num_kv_heads=2, add_v_norm="true")
     bad = _cache(2, 1, 2, 8, 0)
     bad[1][0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"values\[1\] contains NaN"):
-        select(s, 0.5, num_kv_heads=2, add_v_norm=True, values=bad)
+        select(s, 0.5, "kvcompose", num_kv_heads=2, add_v_norm=True, values=bad)
 
 
 def _check_layer(t: torch.Tensor, batch: int, hkv: int, n: int) -> list[list[int]]:

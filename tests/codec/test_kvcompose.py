@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from kvpack.codec import select
+from kvpack.codec import select as codec_select
 from kvpack.codec.budgets import Budget, top_counts
 from kvpack.codec.policies.base import EvictionInput
 from kvpack.codec.policies.kvcompose import KVCompose, KVComposeSettings
 
 F32 = np.float32
+
+
+def select(
+    scores: torch.Tensor, ratio: float | None = None, policy: str = "kvcompose", **kwargs: Any
+) -> list[torch.Tensor]:
+    """codec.select with policy kvcompose unless told (whatever codec's default policy is)."""
+    return codec_select(scores, ratio, policy, **kwargs)
 
 
 def reference(
