@@ -12,6 +12,7 @@ so both keep the same tokens and write the same bytes under the same key.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -290,13 +291,28 @@ class Compression:
         except ValueError as e:
             raise InvalidArgument(f"select: {e}") from e
         scores = self._kv_scores()
-        for layer, idx in enumerate(indices):
+        keeps = [
+            budget_mode.whole_blocks(int(i.shape[-1]), settings, r.fewest_tokens) for i in indices
+        ]
+        if sum(keeps) < self._floor_slots():  # trimming must not evict past max_ratio
+            keeps = [int(i.shape[-1]) for i in indices]
+        for layer, (idx, keep) in enumerate(zip(indices, keeps, strict=True)):
             b = int(idx.shape[-1])
-            keep = budget_mode.whole_blocks(b, settings, r.fewest_tokens)
             if keep < b:
                 layer_scores = None if scores is None else scores[layer]
                 indices[layer] = idx.gather(-1, budget_mode.shrink_indices(idx, keep, layer_scores))
         self._indices = indices
+
+    def _floor_slots(self) -> int:
+        """The fewest token slots (summed over layers) budget mode may keep: the policy's
+        floor and ``max_ratio``."""
+        r = self.request
+        assert r.target is not None
+        lay = r.layout
+        return max(
+            lay.num_layers * r.fewest_tokens,
+            math.ceil(lay.num_layers * lay.seq_len * (1 - r.target.max_ratio) - 1e-9),
+        )
 
     def _kv_scores(self) -> torch.Tensor | None:
         """The statistics per KV head ``[L, B, Hkv, n]`` (query heads averaged), or None."""
@@ -320,11 +336,7 @@ class Compression:
         budget = target.budget_bytes
         blob = self._assemble(results)
         encodes = 1
-        lay = r.layout
-        floor_slots = max(
-            lay.num_layers * r.fewest_tokens,
-            int(lay.num_layers * lay.seq_len * (1 - target.max_ratio)),
-        )
+        floor_slots = self._floor_slots()
         while len(blob) > budget and encodes < budget_mode.MAX_ENCODES:
             coarser = self._coarser(len(blob))
             if coarser is not None:
@@ -420,11 +432,13 @@ class Compression:
     def _shrink(self, results: Sequence[LayerResult], scale: float) -> None:
         """Keep ``scale`` of every layer's composite tokens (each head its best-scored)."""
         scores = self._kv_scores()
-        for x in results:
+        fewest = self.request.fewest_tokens
+        keeps = [max(fewest, int(int(x.indices.shape[-1]) * scale)) for x in results]
+        whole = [budget_mode.whole_blocks(k, self.quant, fewest) for k in keeps]
+        if sum(whole) >= self._floor_slots():  # whole blocks unless that evicts past the floor
+            keeps = whole
+        for x, keep in zip(results, keeps, strict=True):
             ck, cv = self._held[x.layer]
-            b = int(x.indices.shape[-1])
-            keep = max(self.request.fewest_tokens, int(b * scale))
-            keep = budget_mode.whole_blocks(keep, self.quant, self.request.fewest_tokens)
             layer_scores = None if scores is None else scores[x.layer]
             slots = budget_mode.shrink_indices(x.indices, keep, layer_scores)
             x.indices = x.indices.gather(-1, slots)

@@ -62,16 +62,20 @@ def fp16(keys: list[torch.Tensor]) -> int:
     by_bytes=st.booleans(),
     seed=st.integers(0, 2**16),
     policy=st.sampled_from(["kvcompose", "kvcompose_uniform", "streaming", "none"]),
+    floor=st.one_of(st.none(), st.floats(0.05, 0.95)),
 )
 def test_never_exceeds_the_budget(
     layers: int, batch: int, hkv: int, group: int, n: int, d: int, target: float,
-    by_bytes: bool, seed: int, policy: str,
+    by_bytes: bool, seed: int, policy: str, floor: float | None,
 ) -> None:  # fmt: skip
-    """Any layout, any budget: either a container within the budget or InvalidArgument naming
-    the smallest size (bytes and x smaller than fp16); never a larger container."""
+    """Any layout, any budget, any eviction floor: either a container within the budget (and
+    the floor) or InvalidArgument naming the smallest size (bytes and x smaller than fp16);
+    never a larger container."""
     scores, keys, values = cache(seed, layers, batch, hkv, hkv * group, n, d)
     budget = int(fp16(keys) / target)
     ask: dict[str, Any] = {"target_bytes": budget} if by_bytes else {"target_ratio": target}
+    if floor is not None:
+        ask["max_ratio"] = floor
     try:
         out = run(scores if policy != "none" else None, keys, values, policy=policy, **ask)
     except InvalidArgument as e:
@@ -81,6 +85,8 @@ def test_never_exceeds_the_budget(
     choice = out.summary.budget
     assert len(out.stored.blob) == out.summary.stored_bytes == choice.stored_bytes
     assert choice.stored_bytes <= choice.budget_bytes <= budget + 1
+    if floor is not None and batch == 1:  # one row: entries evicted = slots evicted
+        assert choice.token_ratio <= floor + 1e-9
     decoded = codec.decode(out.stored.blob)
     assert len(decoded.keys) == layers
     for layer, summary in enumerate(out.summary.layers):
