@@ -19,8 +19,6 @@ from kvpack.codec.rawbytes import itemsize
 from kvpack.codec.stream import StreamSpec
 from kvpack.codec.stream_decode import Block, check_stream, decode_stream
 
-Sections = dict[str, memoryview]
-
 
 def payload(
     view: memoryview, header: ContainerHeader, layer: int, name: str, ref: SectionRef
@@ -33,53 +31,52 @@ def payload(
     return data
 
 
-def _sections(view: memoryview, header: ContainerHeader, e: LayerEntry) -> Sections:
-    """Every section of layer `e`, checksummed, by section name."""
-    return {name: payload(view, header, e.layer, name, ref) for name, ref in e.named_sections()}
-
-
-def _blocks(e: LayerEntry, kind: str, sections: Sections) -> list[Block]:
-    refs = e.k_blocks if kind == "k" else e.v_blocks
+def _stream_sections(
+    view: memoryview, header: ContainerHeader, e: LayerEntry, kind: str
+) -> tuple[list[Block], memoryview, Block | None]:
+    """(blocks as (coder, bytes), window bytes, metadata (coder, bytes) or None) of stream
+    `kind` ("k"/"v") of layer `e`, every section checksummed (FormatError naming it if not).
+    One loop over the block records: no per-section names unless one is damaged."""
     label = kind.upper()
-    return [(r.coder, sections[f"{label} block {i}"]) for i, r in enumerate(refs)]
-
-
-def _meta(e: LayerEntry, kind: str, sections: Sections) -> Block | None:
-    ref = e.k_meta if kind == "k" else e.v_meta
-    return None if ref is None else (ref.coder, sections[f"{kind.upper()} metadata"])
+    refs = e.k_blocks if kind == "k" else e.v_blocks
+    base = header.data_offset
+    blocks: list[Block] = []
+    for i, r in enumerate(refs):
+        data = view[base + r.offset : base + r.offset + r.length]
+        if crc32(data) != r.crc:
+            raise FormatError(f"layer {e.layer} {label} block {i}: crc32 mismatch")
+        blocks.append((r.coder, data))
+    win_ref = e.k_window if kind == "k" else e.v_window
+    window = payload(view, header, e.layer, f"{label} window", win_ref)
+    meta_ref = e.k_meta if kind == "k" else e.v_meta
+    meta = None
+    if meta_ref is not None:
+        meta = (meta_ref.coder, payload(view, header, e.layer, f"{label} metadata", meta_ref))
+    return blocks, window, meta
 
 
 def _check_entry(view: memoryview, header: ContainerHeader, e: LayerEntry) -> None:
     """Checksums and structure of every section of one layer (no tensor decoding)."""
     s = e.settings
-    sections = _sections(view, header, e)
     size = itemsize(header.dtype)
     for kind, shape, book in (("k", e.k_shape, e.k_codebook), ("v", e.v_shape, e.v_codebook)):
         spec = StreamSpec.of(kind, s)
         label = kind.upper()
         sizes = e.block_tokens(kind)
+        blocks, window, meta = _stream_sections(view, header, e, kind)
         try:
-            check_stream(
-                spec,
-                _blocks(e, kind, sections),
-                shape,
-                header.dtype,
-                book,
-                _meta(e, kind, sections),
-                sizes,
-            )
+            check_stream(spec, blocks, shape, header.dtype, book, meta, sizes)
         except ValueError as err:
             raise FormatError(f"layer {e.layer} {label} {err}") from None
         n_tail = shape[2] - sum(sizes)
         try:
-            lossless.check_frame(
-                sections[f"{label} window"], shape[0] * shape[1] * n_tail * shape[3] * size
-            )
+            lossless.check_frame(window, shape[0] * shape[1] * n_tail * shape[3] * size)
         except ValueError as err:
             raise FormatError(f"layer {e.layer} {label} window: {err}") from None
     if e.indices is not None:
+        idx = payload(view, header, e.layer, "indices", e.indices)
         try:
-            lossless.check_frame(sections["indices"], 8 * math.prod(e.k_shape[:3]))
+            lossless.check_frame(idx, 8 * math.prod(e.k_shape[:3]))
         except ValueError as err:
             raise FormatError(f"layer {e.layer} indices: {err}") from None
 
@@ -121,22 +118,19 @@ def _decode_part(
                 return None
             data = payload(view, header, e.layer, "indices", e.indices)
             return decode_indices(data, e.k_shape[:3], device)
-        names = [n for n, _ in e.named_sections() if n.startswith(f"{label} ")]
-        sections = {
-            n: payload(view, header, e.layer, n, r) for n, r in e.named_sections() if n in names
-        }
+        blocks, window, meta = _stream_sections(view, header, e, kind)
         shape = e.k_shape if kind == "k" else e.v_shape
         book = e.k_codebook if kind == "k" else e.v_codebook
         return decode_stream(
             StreamSpec.of(kind, e.settings),
-            _blocks(e, kind, sections),
-            sections[f"{label} window"],
+            blocks,
+            window,
             shape,
             header.dtype,
             book,
             device,
             out,
-            _meta(e, kind, sections),
+            meta,
             e.block_tokens(kind),
         )
     except FormatError:

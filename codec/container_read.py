@@ -87,7 +87,84 @@ def _layer_settings(value: object, at: str, base: QuantSettings) -> QuantSetting
         raise FormatError(f"header: {at} settings: {err}") from None
 
 
-def _entry(value: object, pos: int, base: QuantSettings, dtype: str, version: int) -> LayerEntry:
+# v2 block tables name each block's coder with one letter.
+CODER_LETTERS = {"huffman": "h", "zstd": "z", "fixed": "f", "lossless": "l"}
+_LETTER_CODERS = {v: k for k, v in CODER_LETTERS.items()}
+
+
+def _ints(value: object, what: str, hi: int) -> np.ndarray:
+    """A JSON list of ints in [0, hi] as int64, checked in bulk."""
+    if not isinstance(value, list) or not all(type(v) is int for v in value):
+        raise FormatError(f"header: {what} must be a list of ints")
+    try:
+        arr = np.array(value, dtype=np.int64)
+    except OverflowError:
+        raise FormatError(f"header: {what} out of range") from None
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) > hi):
+        raise FormatError(f"header: {what} must lie in [0, {hi}]")
+    return arr
+
+
+class _Tiler:
+    """Assigns v2 sections their offsets: they tile the data region in header order."""
+
+    def __init__(self, start: int) -> None:
+        self.cursor = start
+
+    def record(self, value: object, what: str, coders: tuple[str, ...]) -> SectionRef:
+        """A v2 section record [length, crc32, coder]."""
+        if not isinstance(value, list) or len(value) != 3:
+            raise FormatError(f"header: {what} must be [length, crc32, coder]")
+        length = _int(value[0], f"{what} length", 0, 1 << 62)
+        crc = _int(value[1], f"{what} crc32", 0, 0xFFFFFFFF)
+        if value[2] not in coders:
+            raise FormatError(f"header: {what} coder {value[2]!r} not one of {list(coders)}")
+        ref = SectionRef(self.cursor, length, crc, str(value[2]))
+        self.cursor += length
+        return ref
+
+    def blocks(
+        self, value: object, what: str, coders: tuple[str, ...], short_below: int
+    ) -> tuple[SectionRef, ...]:
+        """A v2 block table {"lengths": [...], "crcs": [...], "coders": "hz..."} (+ "short":
+        [[index, tokens], ...] where short_below > 0), parsed in bulk."""
+        fields = {"lengths", "crcs", "coders"}
+        if not isinstance(value, dict) or not fields <= set(value) <= fields | {"short"}:
+            raise FormatError(f"header: {what} must be an object with {sorted(fields)}")
+        lengths = _ints(value["lengths"], f"{what} lengths", 1 << 62)
+        crcs = _ints(value["crcs"], f"{what} crcs", 0xFFFFFFFF)
+        letters = value["coders"]
+        if not isinstance(letters, str) or not len(letters) == len(lengths) == len(crcs):
+            raise FormatError(f"header: {what} lengths, crcs and coders differ in length")
+        allowed = {CODER_LETTERS[c] for c in coders}
+        if not set(letters) <= allowed:
+            raise FormatError(f"header: {what} coders {letters!r} not all in {sorted(allowed)}")
+        tokens: list[int | None] = [None] * len(lengths)
+        if "short" in value:
+            short = value["short"]
+            if not short_below or not isinstance(short, list) or not short:
+                raise FormatError(f"header: {what} short must list [block, tokens] pairs")
+            prev = -1
+            for item in short:
+                if not isinstance(item, list) or len(item) != 2:
+                    raise FormatError(f"header: {what} short must list [block, tokens] pairs")
+                i = _int(item[0], f"{what} short block", prev + 1, len(lengths) - 1)
+                tokens[i] = _int(item[1], f"{what} short tokens", 1, short_below - 1)
+                prev = i
+        offsets = (self.cursor + np.cumsum(lengths) - lengths).tolist()
+        self.cursor += int(lengths.sum())
+        names = [_LETTER_CODERS[c] for c in letters]
+        return tuple(
+            SectionRef(o, n, c, name, tk)
+            for o, n, c, name, tk in zip(
+                offsets, lengths.tolist(), crcs.tolist(), names, tokens, strict=True
+            )
+        )
+
+
+def _entry(
+    value: object, pos: int, base: QuantSettings, dtype: str, version: int, tiler: _Tiler
+) -> LayerEntry:
     if not isinstance(value, dict):
         raise FormatError(f"header: layers[{pos}] must be an object")
     keys = {"layer", "k_shape", "v_shape", "k_codebook", "v_codebook", "indices"}
@@ -115,59 +192,74 @@ def _entry(value: object, pos: int, base: QuantSettings, dtype: str, version: in
             raise FormatError(f"header: {at} has a codebook in mode {settings.mode!r}")
         books.append(book)
     coders = _STREAM_CODERS[settings.mode]
-    blocks = []
-    for kind, window, shape in (
-        ("k", settings.k_window, k_shape),
-        ("v", settings.v_window, v_shape),
+    quantised = settings.mode != "lossless"
+    t = settings.block_tokens
+    indices = value["indices"]
+    if version < 2:
+        idx = _ref(indices, f"{at} indices", ("zstd-delta",)) if indices is not None else None
+        blocks = [
+            tuple(
+                _ref(r, f"{at} {kind.upper()} block {i}", coders)
+                for i, r in enumerate(_list(value[f"{kind}_blocks"], f"{at} {kind}_blocks"))
+            )
+            for kind in ("k", "v")
+        ]
+        metas: list[SectionRef | None] = [None, None]
+        windows = [
+            _ref(value[f"{kind}_window"], f"{at} {kind.upper()} window", ("lossless",))
+            for kind in ("k", "v")
+        ]
+    else:
+        # v2: sections in container order, offsets implied; blocks as bulk tables.
+        idx = (
+            tiler.record(indices, f"{at} indices", ("zstd-delta",)) if indices is not None else None
+        )
+        blocks, metas = [], []
+        for kind in ("k", "v"):
+            raw = value[f"{kind}_meta"]
+            if (raw is None) == quantised:
+                need = "needs" if quantised else "cannot have"
+                raise FormatError(f"header: {at} mode {settings.mode!r} {need} {kind}_meta")
+            what = f"{at} {kind.upper()} metadata"
+            metas.append(tiler.record(raw, what, META_CODERS) if raw is not None else None)
+            what = f"{at} {kind}_blocks"
+            blocks.append(
+                tiler.blocks(value[f"{kind}_blocks"], what, coders, t if quantised else 0)
+            )
+        windows = [
+            tiler.record(value[f"{kind}_window"], f"{at} {kind.upper()} window", ("lossless",))
+            for kind in ("k", "v")
+        ]
+    for kind, window, shape, refs in (
+        ("k", settings.k_window, k_shape, blocks[0]),
+        ("v", settings.v_window, v_shape, blocks[1]),
     ):
-        raw = value[f"{kind}_blocks"]
-        t = settings.block_tokens
         whole = encoded_tokens(shape[2], window, t)
-        if version < 2 or settings.mode == "lossless":
-            if not isinstance(raw, list) or len(raw) != whole // t:
+        if version < 2 or not quantised:
+            if len(refs) != whole // t:
                 raise FormatError(f"header: {at} {kind}_blocks must list {whole // t} blocks")
-            refs = tuple(
-                _ref(r, f"{at} {kind.upper()} block {i}", coders) for i, r in enumerate(raw)
-            )
         else:
-            # v2 quantised streams: blocks of t tokens, or fewer where a block records its
-            # count; together they hold every token older than the window, except fewer than
-            # t when append left them in the window.
+            # v2 quantised streams: blocks of t tokens, or fewer where the table says so;
+            # together they hold every token older than the window, except fewer than t when
+            # append left them in the window.
             most = max(0, shape[2] - window)
-            if not isinstance(raw, list) or len(raw) > most:
-                raise FormatError(f"header: {at} {kind}_blocks must list at most {most} blocks")
-            refs = tuple(
-                _ref(r, f"{at} {kind.upper()} block {i}", coders, t) for i, r in enumerate(raw)
-            )
             held = sum(t if r.tokens is None else r.tokens for r in refs)
             if not most - t < held <= most:
                 raise FormatError(
                     f"header: {at} {kind}_blocks hold {held} tokens, expected "
                     f"{max(0, most - t + 1)} to {most}"
                 )
-        blocks.append(refs)
-    metas: list[SectionRef | None] = [None, None]
-    if version >= 2:
-        quantised = settings.mode != "lossless"
-        for pos_kv, kind in enumerate(("k", "v")):
-            raw = value[f"{kind}_meta"]
-            if (raw is None) == quantised:
-                need = "needs" if quantised else "cannot have"
-                raise FormatError(f"header: {at} mode {settings.mode!r} {need} {kind}_meta")
-            if raw is not None:
-                metas[pos_kv] = _ref(raw, f"{at} {kind.upper()} metadata", META_CODERS)
-    indices = value["indices"]
     entry = LayerEntry(
         number,
         k_shape,
         v_shape,
         books[0],
         books[1],
-        _ref(indices, f"{at} indices", ("zstd-delta",)) if indices is not None else None,
+        idx,
         blocks[0],
         blocks[1],
-        _ref(value["k_window"], f"{at} K window", ("lossless",)),
-        _ref(value["v_window"], f"{at} V window", ("lossless",)),
+        windows[0],
+        windows[1],
         settings,
         metas[0],
         metas[1],
@@ -176,6 +268,12 @@ def _entry(value: object, pos: int, base: QuantSettings, dtype: str, version: in
     if raw_bytes > MAX_EXPANSION * (entry.stored_bytes + 1024):
         raise FormatError(f"header: {at} claims {raw_bytes} bytes from {entry.stored_bytes} stored")
     return entry
+
+
+def _list(value: object, what: str) -> list[object]:
+    if not isinstance(value, list):
+        raise FormatError(f"header: {what} must be a list")
+    return value
 
 
 def read_header(blob: bytes | bytearray | memoryview) -> ContainerHeader:
@@ -230,13 +328,16 @@ def read_header(blob: bytes | bytearray | memoryview) -> ContainerHeader:
     raw_layers = doc["layers"]
     if not isinstance(raw_layers, list) or not 1 <= len(raw_layers) <= MAX_LAYERS:
         raise FormatError(f"header: layers must be a list of 1..{MAX_LAYERS} entries")
-    entries = tuple(_entry(v, i, settings, dtype, version) for i, v in enumerate(raw_layers))
-    cursor = 0
+    tiler = _Tiler(0)
+    entries = tuple(_entry(v, i, settings, dtype, version, tiler) for i, v in enumerate(raw_layers))
+    cursor = tiler.cursor  # v2: offsets implied by order
     prev = -1
     for e in entries:
         if e.layer <= prev:
             raise FormatError(f"header: layer {e.layer} out of order or repeated")
         prev = e.layer
+        if version >= 2:
+            continue
         for name, ref in e.named_sections():
             if ref.offset != cursor:
                 raise FormatError(

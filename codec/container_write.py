@@ -16,6 +16,7 @@ from kvpack.codec.container_format import (
     VERSIONS,
     check_meta,
 )
+from kvpack.codec.container_read import CODER_LETTERS
 from kvpack.codec.layer_codec import EncodedLayer, Section, crc32, encode_layer
 from kvpack.codec.quant_settings import QuantSettings
 from kvpack.codec.rawbytes import dtype_name
@@ -41,13 +42,32 @@ def write(
     cursor = 0
 
     def place(sec: Section) -> list[object]:
+        """The section's record: v1 [offset, length, crc32, coder]; v2 [length, crc32, coder]
+        (offsets implied by order)."""
         nonlocal cursor
-        ref: list[object] = [cursor, len(sec.data), sec.crc, sec.coder]
-        if sec.tokens is not None:  # a short block (v2)
-            ref.append(sec.tokens)
+        ref: list[object] = [len(sec.data), sec.crc, sec.coder]
         parts.append(sec.data)
         cursor += len(sec.data)
-        return ref
+        return [cursor - len(sec.data), *ref] if version < 2 else ref
+
+    def table(blocks: Sequence[Section]) -> object:
+        """v1: a list of records; v2: a block table (lengths, crc32s, one coder letter per
+        block, and the token counts of short blocks)."""
+        if version < 2:
+            return [place(b) for b in blocks]
+        for b in blocks:
+            parts.append(b.data)
+        nonlocal cursor
+        cursor += sum(len(b.data) for b in blocks)
+        out: dict[str, object] = {
+            "lengths": [len(b.data) for b in blocks],
+            "crcs": [b.crc for b in blocks],
+            "coders": "".join(CODER_LETTERS[b.coder] for b in blocks),
+        }
+        short = [[i, b.tokens] for i, b in enumerate(blocks) if b.tokens is not None]
+        if short:
+            out["short"] = short
+        return out
 
     base = settings.to_dict()
     for number, lay in layers:
@@ -68,10 +88,10 @@ def write(
         entry["indices"] = place(lay.indices) if lay.indices is not None else None
         if version >= 2:
             entry["k_meta"] = place(lay.k_meta) if lay.k_meta is not None else None
-        entry["k_blocks"] = [place(s) for s in lay.k_blocks]
+        entry["k_blocks"] = table(lay.k_blocks)
         if version >= 2:
             entry["v_meta"] = place(lay.v_meta) if lay.v_meta is not None else None
-        entry["v_blocks"] = [place(s) for s in lay.v_blocks]
+        entry["v_blocks"] = table(lay.v_blocks)
         entry["k_window"] = place(lay.k_window)
         entry["v_window"] = place(lay.v_window)
         if own:

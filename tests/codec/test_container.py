@@ -201,9 +201,16 @@ def test_bogus_fields_are_rejected(small_blob: bytes) -> None:
         ({"settings": {**doc["settings"], "mode": "zip"}}, "mode"),
         ({"layers": [{**layer, "k_shape": [1, 2, 10**9, 8]}]}, "k_shape"),
         ({"layers": [{**layer, "k_shape": [1, 2, 2**24, 2**16]}]}, "k_shape"),
-        ({"layers": [{**layer, "k_blocks": layer["k_blocks"][:1]}]}, "k_blocks"),
+        (
+            {"layers": [{**layer, "k_blocks": {**layer["k_blocks"], "coders": "h"}}]},
+            "k_blocks",
+        ),
+        ({"layers": [{**layer, "k_blocks": {**layer["k_blocks"], "crcs": [-1]}}]}, "crcs"),
+        ({"layers": [{**layer, "k_blocks": {**layer["k_blocks"], "coders": "zx"}}]}, "coders"),
+        ({"layers": [{**layer, "k_blocks": {**layer["k_blocks"], "short": [[0, 0]]}}]}, "short"),
         ({"layers": [{**layer, "k_codebook": [1] * 21}]}, "codebook"),
-        ({"layers": [{**layer, "v_window": [0, 2**40, 0, "lossless"]}]}, "V window"),
+        ({"layers": [{**layer, "v_window": [2**40, 0, "lossless"]}]}, "data bytes"),
+        ({"layers": [{**layer, "v_window": [0, 0, "lossless", 5]}]}, "V window"),
         ({"layers": []}, "layers"),
         ({"seq_len": -1}, "seq_len"),
     ]
@@ -276,30 +283,29 @@ def test_v1_containers_decode_and_append_as_v1() -> None:
 def with_section(
     blob: bytes, layer: int, name: str, data: bytes, coder: str | None = None
 ) -> bytes:
-    """blob with section `name` of layer `layer` replaced by `data` (offsets, lengths and crc32s
-    rewritten so that only the content checks can catch it)."""
+    """v2 blob with section `name` of layer `layer` replaced by `data` (its length, crc32 and
+    optionally coder rewritten in the header, so that only the content checks can catch it)."""
     h = read_header(blob)
     head_len = struct.unpack_from("<I", blob, 8)[0]
     doc = json.loads(blob[16 : 16 + head_len])
-    parts, cursor = [], 0
+    parts = []
     for e, raw in zip(h.entries, doc["layers"], strict=True):
         keys = {"indices": "indices", "K metadata": "k_meta", "V metadata": "v_meta"}
         keys |= {"K window": "k_window", "V window": "v_window"}
         for sec_name, ref in e.named_sections():
             start = h.data_offset + ref.offset
             body = blob[start : start + ref.length]
-            rec = [cursor, ref.length, ref.crc, ref.coder] + ([ref.tokens] if ref.tokens else [])
             if e.layer == layer and sec_name == name:
                 body = data
-                rec = [cursor, len(data), zlib.crc32(data), coder or ref.coder, *rec[4:]]
+                if sec_name in keys:
+                    raw[keys[sec_name]] = [len(data), zlib.crc32(data), coder or ref.coder]
+                else:
+                    kind, _, i = sec_name.split()
+                    table = raw[f"{kind.lower()}_blocks"]
+                    table["lengths"][int(i)] = len(data)
+                    table["crcs"][int(i)] = zlib.crc32(data)
             parts.append(body)
-            cursor += len(body)
-            if sec_name in keys:
-                raw[keys[sec_name]] = rec
-            else:
-                kind, _, i = sec_name.split()
-                raw[f"{kind.lower()}_blocks"][int(i)] = rec
-    doc["data_bytes"] = cursor
+    doc["data_bytes"] = sum(len(p) for p in parts)
     head = json.dumps(doc).encode()
     prefix = struct.pack("<4sHHII", b"KVPK", h.version, 0, len(head), zlib.crc32(head))
     return prefix + head + b"".join(parts)
@@ -390,13 +396,19 @@ def test_short_last_block_and_append_after_it(grouping: str) -> None:
     assert float(err) < 0.5
     doc = json.loads(blob[16 : 16 + struct.unpack_from("<I", blob, 8)[0]])
     layer = doc["layers"][0]
-    too_long = [*layer["k_blocks"][:2], [*layer["k_blocks"][2][:4], 16]]
+    table = layer["k_blocks"]
+    assert table["short"] == [[2, 13]]
     for blocks, match in (
-        (too_long, "tokens"),
-        ([layer["k_blocks"][0], layer["k_blocks"][2]], "hold 29 tokens"),
-        ([*layer["k_blocks"][:2], [*layer["k_blocks"][2][:4], 14]], "hold 46 tokens"),
+        ({**table, "short": [[2, 16]]}, "tokens"),
+        ({**table, "short": [[2, 14]]}, "hold 46 tokens"),
+        ({**table, "short": [[0, 1], [1, 1], [2, 13]]}, "hold 15 tokens"),
+        ({**table, "short": [[2, 13], [1, 13]]}, "short block"),
     ):
         with pytest.raises(FormatError, match=match):
             verify(
                 rewrite_header(blob, {"layers": [{**layer, "k_blocks": blocks}, doc["layers"][1]]})
             )
+    # A valid table that moves the short block: its symbols no longer decode.
+    moved = {**table, "short": [[1, 13]]}
+    with pytest.raises(FormatError, match="block 1"):
+        decode(rewrite_header(blob, {"layers": [{**layer, "k_blocks": moved}, doc["layers"][1]]}))
