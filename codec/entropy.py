@@ -336,9 +336,12 @@ def decode_symbol_blocks(
     count_arr = np.asarray(counts, dtype=np.int64)
     pos = np.concatenate(([0], np.cumsum(count_arr))).astype(np.int64)
     out = np.empty(int(pos[-1]), dtype=symbol_dtype(spec.levels))
-    by_coder: dict[str, list[int]] = {}
-    for i, name in enumerate(coders):
-        by_coder.setdefault(name, []).append(i)
-    for name, which in by_coder.items():
+    names = sorted(set(coders))  # one or two coders per stream: one pass each
+    for name in names:
+        which = (
+            list(range(len(coders)))
+            if len(names) == 1
+            else [i for i, c in enumerate(coders) if c == name]
+        )
         coder(name).decode(which, payloads, count_arr, pos, spec, lengths, out)
     return out
