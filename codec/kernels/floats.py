@@ -225,6 +225,16 @@ def _from_key16(k: np.uint32, kind: int) -> np.float32:
 STEP_MANTISSAS = np.array([2.0 ** (i / 64) for i in range(64)], dtype=np.float32)
 STEP_EXP_BIAS = 150  # code = (e + STEP_EXP_BIAS) * 64 + i; e in [STEP_MIN_EXP, 127]
 STEP_MIN_EXP = -123  # the anchor unit step/8 stays a normal fp32 (relative precision kept)
+# Largest i with STEP_MANTISSAS[i] <= 1 + k/256, per top-8-mantissa-bit bucket k: the search
+# for a step's grid index starts there and moves at most one place (buckets are narrower
+# than the grid's 2^(1/64) spacing), with no log2 per group.
+_GRID_START = np.array(
+    [
+        int(np.searchsorted(STEP_MANTISSAS, np.float32(1 + k / 256), side="right")) - 1
+        for k in range(256)
+    ],
+    dtype=np.int64,
+)
 ESCAPE = 0xFFFF  # step code of a group stored as fp32 minimum and step (constant, or no fit)
 ANCHOR_DIVISOR = 8
 ANCHOR_MAX = 32767  # anchor codes are int16
@@ -265,9 +275,7 @@ def _lattice(
     m2 = np.float64(_f32_from_u32(np.uint32((bits & 0x7FFFFF) | 0x3F800000)))
     if e < STEP_MIN_EXP or e > 127:
         return lo, step, ESCAPE, 0
-    i = min(63, int(64.0 * np.log2(m2)))
-    while i > 0 and np.float64(STEP_MANTISSAS[i]) > m2:
-        i -= 1
+    i = _GRID_START[(bits >> 15) & 0xFF]
     while i < 63 and np.float64(STEP_MANTISSAS[i + 1]) <= m2:
         i += 1
     code = int((e + STEP_EXP_BIAS) * 64 + i)
