@@ -5,7 +5,7 @@ v1 stores per group an fp32 minimum and an fp32 step at the start of each block:
 bits per value when groups hold 32-64 values. v2 stores per group a step code (the step on a
 grid of 64 steps per octave, rounded down) and an anchor code (symbol 0's value on the lattice
 of step/8), 32 bits as they are, for all blocks of a stream in one metadata section; in lossy
-mode that section is one zstd frame (about 13-17 bits per group on KV caches: one frame per
+mode that section is one zstd frame (11-16 bits per group on the KV caches measured: one frame per
 stream compresses a third better than one per block, measured in docs/FORMAT.md). Groups where
 the codes do not fit (constant groups, tiny error bounds) are escapes stored as fp32 like v1.
 """

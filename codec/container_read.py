@@ -46,18 +46,16 @@ def _shape(value: object, what: str) -> tuple[int, int, int, int]:
     return b, h, n, d
 
 
-def _ref(value: object, what: str, coders: tuple[str, ...], short_below: int = 0) -> SectionRef:
-    """A section record; `short_below` > 0 allows a 5th element, the token count (1 to
-    short_below - 1) of a block shorter than the block length."""
-    if not isinstance(value, list) or not 4 <= len(value) <= (5 if short_below else 4):
+def _ref(value: object, what: str, coders: tuple[str, ...]) -> SectionRef:
+    """A v1 section record [offset, length, crc32, coder]."""
+    if not isinstance(value, list) or len(value) != 4:
         raise FormatError(f"header: {what} must be [offset, length, crc32, coder]")
     off = _int(value[0], f"{what} offset", 0, 1 << 62)
     length = _int(value[1], f"{what} length", 0, 1 << 62)
     crc = _int(value[2], f"{what} crc32", 0, 0xFFFFFFFF)
     if value[3] not in coders:
         raise FormatError(f"header: {what} coder {value[3]!r} not one of {list(coders)}")
-    tokens = _int(value[4], f"{what} tokens", 1, short_below - 1) if len(value) == 5 else None
-    return SectionRef(off, length, crc, str(value[3]), tokens)
+    return SectionRef(off, length, crc, str(value[3]))
 
 
 def _codebook(value: object, what: str, n_levels: int) -> tuple[int, ...] | None:

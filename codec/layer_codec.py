@@ -1,9 +1,10 @@
 """Encode and decode one layer's K and V into container sections (KVComp §2 per layer).
 
-Tokens [0, nb*T) of each stream are cut into blocks of T = block_tokens tokens and quantised
-(or, in lossless mode, byte-shuffled + zstd); the remaining newest tokens (at least the window,
-fewer than window + T) stay in full precision in a window section. K and V are separate streams
-with their own window and codebook.
+The tokens of each stream older than its window are cut into blocks of T = block_tokens tokens
+and quantised (or, in lossless mode, byte-shuffled + zstd); in format v2 the last block may be
+shorter (quantised streams), in v1 and lossless mode the tokens that do not fill a block stay in
+the window. The window's newest tokens stay in full precision. K and V are separate streams
+with their own window, codebook and (v2) group metadata section.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ ENTROPY_CODERS = ("auto", "huffman", "zstd")
 MIN_ERROR_BOUND = 2.0**-12
 MAX_TOKENS = 1 << 20
 # Upper estimates of what container._write puts in its JSON header, in bytes: per layer (shapes,
-# field names, the indices and window section records), per block record
-# ``[offset,length,crc32,"coder"],`` (offsets below 10 TB) and per codebook symbol (``16,``), plus
-# the settings and meta once. A request whose estimate exceeds container.MAX_HEADER_BYTES is
+# field names, the indices, metadata and window section records, the layer's own settings),
+# per block (a v1 record ``[offset,length,crc32,"coder"],`` with offsets below 10 TB; v2's
+# block tables take under half of that) and per codebook symbol (``16,``), plus the settings
+# and meta once. A request whose estimate exceeds container.MAX_HEADER_BYTES is
 # refused before any work instead of failing after every layer was encoded.
 HEADER_BYTES_PER_LAYER = 1024
 HEADER_BYTES_PER_BLOCK = 50
@@ -53,7 +54,9 @@ class QuantSettings:
     k_grouping: "channel" = one range per (block, batch row, head, channel) over block_tokens
         tokens; "block" = one range per (block, batch row) across heads and channels.
     block_tokens: tokens per encoded block (K and V). k_window / v_window: newest tokens kept in
-        full precision (0 allowed). entropy: coder for quantised symbols per block.
+        full precision; 0 by default since container format v2 (they exist for fused decode
+        kernels, storage does not need them; v1's defaults were 128 / 256). entropy: coder for
+        quantised symbols per block.
 
     Construction checks the ranges that hold for any cache (`validate`, ValueError naming the
     field), so every instance is valid; `validate_for_layout` also bounds block_tokens and the

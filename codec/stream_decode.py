@@ -1,8 +1,9 @@
 """Check and decode one stream (a layer's K or V) from its block sections and window section.
 
-A stream's block metadata (group minima and steps) is read and checked for all blocks at once;
-each coder decodes all of its blocks in one call (entropy.CODERS) and one dequantisation kernel
-writes every block into the output tensor, so the Python work per block is a few slices.
+A stream's group metadata (anchors and steps: v2's metadata section, or v1's fp32 at each block's
+start) is read and checked for all blocks at once; each coder decodes all of its blocks in one
+call (entropy.CODERS) and one dequantisation kernel per run of equally long blocks writes them
+into the output tensor, so the Python work per block is a few slices.
 """
 
 from __future__ import annotations
