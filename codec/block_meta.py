@@ -22,7 +22,7 @@ from kvpack.codec import kernels, lossless
 from kvpack.codec.quant import Quantized
 
 META_CODERS = ("meta-raw", "meta-zstd")  # v2 stream metadata sections
-_MANTISSA_BITS = kernels.STEP_MANTISSAS.view(np.uint32).astype(np.int64)
+_MANTISSA_BITS32 = kernels.STEP_MANTISSAS.view(np.int32)
 # Valid step codes: exponent in [-123, 127] (kernels.floats STEP_MIN_EXP), or ESCAPE.
 _MIN_CODE = (-123 + kernels.STEP_EXP_BIAS) * 64
 _MAX_CODE = (127 + kernels.STEP_EXP_BIAS) * 64 + 63
@@ -124,21 +124,24 @@ class StreamCodes:
         """(anchors, steps) float32 [N] as the kernels use them (exactly the encoder's).
         ValueError naming the first group with a non-finite anchor or step, or a negative
         step."""
-        codes = self.step_codes.astype(np.int64)
+        codes = self.step_codes.astype(np.int32)
         esc = codes == kernels.ESCAPE
-        live = ~esc
-        steps = np.zeros(codes.size, dtype=np.float32)
-        anchors = np.zeros(codes.size, dtype=np.float32)
-        c = codes[live]
         # Mantissas in [1, 2): the exponent adds to their bits (kernels.floats.step_of_code).
-        bits = _MANTISSA_BITS[c & 63] + (((c >> 6) - kernels.STEP_EXP_BIAS) << 23)
-        steps[live] = bits.astype(np.uint32).view(np.float32)
-        unit = steps[live] / np.float32(kernels.ANCHOR_DIVISOR)
-        with np.errstate(over="ignore"):
-            anchors[live] = self.anchor_codes[live].astype(np.float32) * unit
-        anchors[esc] = self.escaped_mn
-        steps[esc] = self.escaped_step
-        bad = ~np.isfinite(anchors) | ~np.isfinite(steps) | (steps < 0)
+        # Computed for every group in whole-array passes (escapes get junk, replaced below):
+        # masked selections cost more than the arithmetic.
+        bits = _MANTISSA_BITS32[codes & 63] + (((codes >> 6) - kernels.STEP_EXP_BIAS) << 23)
+        steps = bits.view(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            anchors = self.anchor_codes.astype(np.float32) * (
+                steps / np.float32(kernels.ANCHOR_DIVISOR)
+            )
+        n_esc = len(self.escaped_mn)
+        if n_esc:
+            anchors[esc] = self.escaped_mn
+            steps[esc] = self.escaped_step
+            bad = ~np.isfinite(anchors) | ~np.isfinite(steps) | (steps < 0)
+        else:  # steps from codes are finite and positive; only an anchor can overflow
+            bad = ~np.isfinite(anchors)
         if bad.any():
             raise ValueError(
                 f"group {int(np.argmax(bad))}: non-finite group minimum or negative step"
