@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from kvpack.codec.budgets import Budget
-from kvpack.codec.policies import POLICIES, EvictionInput, Policy
+from kvpack.codec.policies import DEFAULT_POLICY, POLICIES, EvictionInput, Policy
 from kvpack.codec.policy_settings import ANY_LAYOUT, Extent, shown
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -148,7 +148,7 @@ def layer_shares(policy: Policy, budget: Budget) -> list[int]:
 def select(
     scores: torch.Tensor | None,
     ratio: float | None = None,
-    policy: str = "kvcompose",
+    policy: str = DEFAULT_POLICY,
     *,
     n_keep: int | None = None,
     num_kv_heads: int | None = None,
@@ -157,7 +157,8 @@ def select(
     shape: tuple[int, int, int, int] | None = None,
     **settings: object,
 ) -> list[torch.Tensor]:
-    """Positions each layer keeps, chosen by `policy` from attention statistics.
+    """Positions each layer keeps, chosen by `policy` (default DEFAULT_POLICY, "kvpack") from
+    attention statistics.
 
     scores: [L, B, H, n] floating, H query heads (then pass num_kv_heads) or KV heads; None only
     for policies that use no statistics (streaming, knorm, random). ratio: fraction of entries

@@ -8,6 +8,10 @@ from kvpack.codec.policies.baselines import TOVA, KNorm, PyramidKV, Random, Snap
 from kvpack.codec.policies.kvcompose import KVCompose, KVComposeUniform, KVComposeUnstructured
 from kvpack.codec.policies.kvpack import KVPack
 
+#: The policy of a request that names none (codec.select, the engine, the clients): kvpack's
+#: own, ahead of KVCompose on the reference model at every ratio (docs/QUALITY.md, issue #22).
+DEFAULT_POLICY = "kvpack"
+
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls
     for cls in (
@@ -24,4 +28,4 @@ POLICIES: dict[str, type[Policy]] = {
     )
 }
 
-__all__ = ["POLICIES", "EvictionInput", "Policy"]
+__all__ = ["DEFAULT_POLICY", "POLICIES", "EvictionInput", "Policy"]
