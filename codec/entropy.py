@@ -91,10 +91,10 @@ def _split(symbols: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     return [symbols[bounds[i] : bounds[i + 1]] for i in range(len(counts))]
 
 
-def _zstd_encode(blocks: Sequence[np.ndarray], spec: StreamSpec) -> list[bytes]:
+def _zstd_encode(blocks: Sequence[np.ndarray]) -> list[bytes]:
+    """One zstd frame per block (blocks already in the payload's symbol width)."""
     zc = _zstd_compressor()
-    width = "<u2" if spec.symbol_width == 2 else np.uint8
-    return [zc.compress(b.astype(width, copy=False).data) for b in blocks]
+    return [zc.compress(b.data) for b in blocks]
 
 
 def encode_symbol_blocks(
@@ -122,16 +122,20 @@ def encode_symbol_blocks(
         raw = buf.tobytes()
         packed = [raw[offs[i] : offs[i + 1]] for i in range(nb)]
         return CodedBlocks(packed, ["fixed"] * nb, None, total)
-    blocks = _split(symbols, counts)
+    # Blocks in the zstd payload's width, converted once per stream (not per block).
+    blocks = _split(
+        symbols.astype("<u2" if spec.symbol_width == 2 else np.uint8, copy=False), counts
+    )
     if spec.entropy == "zstd" or not symbols.size:
-        return CodedBlocks(_zstd_encode(blocks, spec), ["zstd"] * nb, None, total)
+        return CodedBlocks(_zstd_encode(blocks), ["zstd"] * nb, None, total)
     if lengths is None:
         lengths = huffman.code_lengths(total)
     use_huff = (counts > 0) & (hists[:, lengths == 0].sum(axis=1) == 0)  # codable blocks
     zstd_payloads: list[bytes | None] = [None] * nb
     if spec.entropy == "auto":
-        zstd_payloads = list(_zstd_encode(blocks, spec))
-        zstd_size = np.array([len(z or b"") for z in zstd_payloads], dtype=np.int64)
+        trial = _zstd_encode(blocks)
+        zstd_size = np.fromiter(map(len, trial), dtype=np.int64, count=nb)
+        zstd_payloads = list(trial)
         use_huff &= huffman.payload_bytes(hists, lengths) <= (1 - HUFFMAN_MARGIN) * zstd_size
     huff_idx = np.flatnonzero(use_huff).tolist()
     huff: list[bytes] = []
@@ -141,7 +145,7 @@ def encode_symbol_blocks(
     for i, payload in zip(huff_idx, huff, strict=True):
         zstd_payloads[i] = payload
     missing = [i for i in range(nb) if zstd_payloads[i] is None]
-    for i, payload in zip(missing, _zstd_encode([blocks[i] for i in missing], spec), strict=True):
+    for i, payload in zip(missing, _zstd_encode([blocks[i] for i in missing]), strict=True):
         zstd_payloads[i] = payload
     coders = ["huffman" if h else "zstd" for h in use_huff.tolist()]
     payloads = [p for p in zstd_payloads if p is not None]
