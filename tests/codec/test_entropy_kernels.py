@@ -96,6 +96,15 @@ def test_encoder_rejects_symbols_outside_the_codebook() -> None:
     lengths = np.array([1, 1], dtype=np.uint8)
     with pytest.raises(huffman.HuffmanError):
         huffman.encode_blocks(np.array([0, 1, 2], dtype=np.uint8), np.array([3]), lengths)
+    # A symbol without a code deep inside a lane (two symbols per lookup, no per-pair branch)
+    # and as a lane's odd last symbol (one at a time).
+    lengths = np.array([1, 2, 0, 2], dtype=np.uint8)
+    for where, n in ((3001, 5000), (1022, 1023), (4, 5)):
+        syms = np.tile(np.array([0, 1, 3], dtype=np.uint8), n)[:n]
+        assert len(huffman.encode_blocks(syms, np.array([n]), lengths)) == 1
+        syms[where] = 2
+        with pytest.raises(huffman.HuffmanError):
+            huffman.encode_blocks(syms, np.array([n]), lengths)
 
 
 def test_threads_share_cached_tables() -> None:
