@@ -2,7 +2,7 @@
 
     .venv/bin/python -m kvpack.bench.lossy [--layers 4 --kv-heads 8 --head-dim 128 --seq 2048
         --dtype fp16 --repeats 3 --profile]
-    .venv/bin/python -m kvpack.bench.lossy --sizes [--data llama|reference]
+    .venv/bin/python -m kvpack.bench.lossy --sizes [--data llama|reference [--caches FILE]]
 
 --sizes prints container bytes of lossy and fixed-width encoding at the same error bounds
 (K0.05/V0.1 and K0.1/V0.2, blocks of 32 and 64 tokens, windows 0) instead of timing: on the
@@ -26,6 +26,7 @@ import pstats
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -184,7 +185,14 @@ def sizes(ks: list[torch.Tensor], vs: list[torch.Tensor]) -> list[dict[str, obje
         for block in SIZE_BLOCKS:
             got = {}
             for mode in ("lossy", "fixed"):
-                s = QuantSettings(mode=mode, k_error_bound=kb, v_error_bound=vb, block_tokens=block)
+                s = QuantSettings(  # windows 0 spelled out: v1's defaults were 128 / 256
+                    mode=mode,
+                    k_error_bound=kb,
+                    v_error_bound=vb,
+                    block_tokens=block,
+                    k_window=0,
+                    v_window=0,
+                )
                 got[mode] = len(encode(ks, vs, settings=s))
             rows.append(
                 {
@@ -210,6 +218,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="cProfile one lossy encode and decode")
     p.add_argument("--sizes", action="store_true", help="lossy vs fixed bytes at equal bounds")
     p.add_argument("--data", default="llama", choices=["llama", "reference"], help="for --sizes")
+    p.add_argument(
+        "--caches",
+        type=Path,
+        default=None,
+        help="--data reference: load the caches from this file, or save them there if absent "
+        "(to measure another checkout's codec on the same caches)",
+    )
     return p
 
 
@@ -217,8 +232,12 @@ def main() -> None:
     args = parser().parse_args()
     if args.sizes:
         torch.set_num_threads(1)
-        if args.data == "reference":
+        if args.data == "reference" and args.caches is not None and args.caches.exists():
+            ks, vs = torch.load(args.caches, weights_only=True)
+        elif args.data == "reference":
             ks, vs = reference_caches()
+            if args.caches is not None:
+                torch.save((ks, vs), args.caches)
         else:
             dtype = dtype_from_name(args.dtype)
             ks, vs = synthetic_kv(args.layers, args.kv_heads, args.head_dim, args.seq, dtype)
