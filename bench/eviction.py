@@ -1,7 +1,7 @@
 """Eviction benchmark: select + gather on a Llama-3-8B-shaped cache, against a plain copy.
 
     python -m kvpack.bench.eviction [--layers 32 --kv-heads 8 --q-heads 32 --head-dim 128
-        --seq 4096 --dtype fp16 --ratio 0.75 --repeats 5 --policies kvcompose,snapkv]
+        --seq 4096 --dtype fp16 --ratio 0.75 --repeats 5 --policies kvpack,kvcompose,snapkv]
 
 Times are wall-clock seconds on the current device (CPU unless --device cuda), median over
 `repeats` after one warm-up; `vs_copy` divides by the median time to clone the same cache.

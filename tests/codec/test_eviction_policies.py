@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from kvpack.codec import POLICIES, select
 from kvpack.codec.budgets import pyramid_split, uniform_split
+from kvpack.codec.policies import DEFAULT_POLICY
 from kvpack.codec.policies.kvcompose import KVComposeSettings
 from kvpack.codec.policy_settings import PolicySettings
 
@@ -28,6 +29,14 @@ def test_registry_names() -> None:
     for name, cls in POLICIES.items():
         assert cls.name == name
         assert issubclass(cls.settings_type, PolicySettings)
+
+
+def test_default_policy_is_kvpack() -> None:
+    s = torch.rand(3, 1, 4, 40)
+    assert DEFAULT_POLICY == "kvpack" and DEFAULT_POLICY in POLICIES
+    default = select(s, 0.75, num_kv_heads=2)
+    named = select(s, 0.75, "kvpack", num_kv_heads=2)
+    assert all(torch.equal(a, b) for a, b in zip(default, named, strict=True))
 
 
 def test_settings_from_wire_strings() -> None:
