@@ -51,7 +51,9 @@ def _pairs(items: list[str], what: str) -> dict[str, str]:
 def configure_compress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", type=Path, help="safetensors file with keys.{l} / values.{l}")
     _connection_args(parser)
-    parser.add_argument("--policy", default="kvcompose", help="eviction policy (or 'none')")
+    parser.add_argument(
+        "--policy", default=None, help="eviction policy (or 'none'; default: the server's, kvpack)"
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--ratio", type=float, help="fraction of KV entries removed, [0, 1)")
     budget.add_argument("--n-keep", type=int, help="token slots kept, summed over layers")

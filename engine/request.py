@@ -21,6 +21,7 @@ import torch
 from kvpack import wire
 from kvpack.codec import MAX_META_CHARS, POLICIES, Policy, QuantSettings, policy_for_layout
 from kvpack.codec.budgets import Budget
+from kvpack.codec.policies import DEFAULT_POLICY
 from kvpack.codec.policy_settings import shown
 from kvpack.engine import budget as budget_mode
 from kvpack.engine import schema
@@ -124,14 +125,15 @@ class Layout:
 class RequestOptions(TypedDict, total=False):
     """The keyword arguments of ``compress`` that shape the request (defaults in brackets).
 
-    policy: eviction policy name, one of POLICY_NAMES ["kvcompose"]. ratio: fraction of KV
-    entries removed, in [0, 1); n_keep: token slots kept, summed over layers; exactly one of the
-    two unless policy is "none", which takes neither. policy_settings: the policy's settings by
-    name (values may be strings). quant: ``QuantSettings``, a mapping of its fields or a
-    ``kvpack.v1.QuantSettings`` [codec defaults]. store: encode and store the composite cache
-    [True]; key: its store key [a content key]; model, token_ids: the model fingerprint and the
-    tokens the cache was computed from, for a content key that finds the same entry from any
-    process. return_cache: return the composite K/V and kept indices [True].
+    policy: eviction policy name, one of POLICY_NAMES [codec.policies.DEFAULT_POLICY, "kvpack"].
+    ratio: fraction of KV entries removed, in [0, 1); n_keep: token slots kept, summed over
+    layers; exactly one of the two unless policy is "none", which takes neither.
+    policy_settings: the policy's settings by name (values may be strings). quant:
+    ``QuantSettings``, a mapping of its fields or a ``kvpack.v1.QuantSettings`` [codec
+    defaults]. store: encode and store the composite cache [True]; key: its store key [a content
+    key]; model, token_ids: the model fingerprint and the tokens the cache was computed from,
+    for a content key that finds the same entry from any process. return_cache: return the
+    composite K/V and kept indices [True].
 
     Budget mode (instead of ratio / n_keep): target_ratio (the stored container at least this
     many times smaller than the cache in fp16) and/or target_bytes (at most this many bytes);
@@ -174,7 +176,7 @@ def compress_header(layout: Layout, options: RequestOptions) -> pb.CompressHeade
         token_ids = token_ids.reshape(-1).tolist()
     header = pb.CompressHeader(
         layout=layout.to_proto(),
-        policy=options.get("policy", "kvcompose"),
+        policy=options.get("policy") or DEFAULT_POLICY,
         policy_settings=wire_settings(options.get("policy_settings")),
         quant=schema.quant_message(options.get("quant")),
         store=options.get("store", True),
@@ -230,7 +232,7 @@ class CompressRequest:
         h = header
         return cls.create(
             layout or Layout.from_proto(h.layout),
-            policy=h.policy or "kvcompose",
+            policy=h.policy or DEFAULT_POLICY,
             ratio=h.ratio if h.HasField("ratio") else None,
             n_keep=h.n_keep if h.HasField("n_keep") else None,
             settings=dict(h.policy_settings),
@@ -255,7 +257,7 @@ class CompressRequest:
             token_ids = token_ids.reshape(-1).tolist()
         return cls.create(
             layout,
-            policy=options.get("policy", "kvcompose"),
+            policy=options.get("policy") or DEFAULT_POLICY,
             ratio=options.get("ratio"),
             n_keep=options.get("n_keep"),
             settings=wire_settings(options.get("policy_settings")),

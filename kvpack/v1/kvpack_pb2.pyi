@@ -233,8 +233,8 @@ class CompressHeader(_message.Message):
     MAX_RATIO_FIELD_NUMBER: _builtins.int
     MAX_ERROR_BOUND_FIELD_NUMBER: _builtins.int
     policy: _builtins.str
-    """Registry name: kvcompose, kvcompose_unstructured, kvcompose_uniform, streaming, snapkv,
-    tova, pyramidkv, knorm, random, or "none" (no eviction).
+    """Registry name: kvpack, kvcompose, kvcompose_unstructured, kvcompose_uniform, streaming,
+    snapkv, tova, pyramidkv, knorm, random, or "none" (no eviction); empty: the default (kvpack).
     """
     ratio: _builtins.float
     """Exactly one of ratio (fraction of KV entries removed, 0 <= ratio < 1) or n_keep (tokens

@@ -67,7 +67,7 @@ def test_policies_without_scores_keep_what_select_keeps(policy: str) -> None:
 
 
 def test_kvcompose_allocates_globally_from_scores_and_per_layer_from_window_queries() -> None:
-    req = request(ratio=0.5)
+    req = request(ratio=0.5, policy="kvcompose")
     assert req.allocation("scores") is Allocation.GLOBAL
     want = codec.select(SCORES, 0.5, "kvcompose", num_kv_heads=HKV)
     assert all(torch.equal(a, b) for a, b in zip(kept(req, ("scores", SCORES)), want, strict=True))
@@ -75,15 +75,15 @@ def test_kvcompose_allocates_globally_from_scores_and_per_layer_from_window_quer
     shares = codec.budgets.uniform_split(int(L * N * 0.5), L)
     for layer, idx in enumerate(kept(req, ("window_queries", QUERIES))):
         assert idx.shape[-1] == shares[layer]
-    assert request(ratio=0.5, policy_settings={"add_v_norm": True}).allocation("scores") is (
-        Allocation.PER_LAYER
-    )
+    with_norm = request(ratio=0.5, policy="kvcompose", policy_settings={"add_v_norm": True})
+    assert with_norm.allocation("scores") is Allocation.PER_LAYER
     with pytest.raises(InvalidArgument, match="needs attention statistics"):
         req.allocation(None)
 
 
 def content_key(stats: tuple[Any, torch.Tensor] | None = ("scores", SCORES), **options: Any) -> str:
-    args = {"model": "m@1", "token_ids": list(range(N)), "ratio": 0.5, **options}
+    args = {"policy": "kvcompose", "model": "m@1", "token_ids": list(range(N)), "ratio": 0.5}
+    args.update(options)
     req = CompressRequest.from_options(LAYOUT, {"quant": {"mode": "lossless"}, **args})
     out = compress_cache(req, KEYS, VALUES, stats)
     assert out.stored is not None
