@@ -2,10 +2,12 @@
 
 A request with ``target_ratio`` / ``target_bytes`` leaves three choices to kvpack: the eviction
 ratio ``rho`` (with the request's policy, which splits it over layers as it always does), the K
-and V error bounds and the quantisation block. :func:`plan` makes them once, when layer 0's K/V
-arrive (a sample of real data is needed to know what a bound costs); the pipeline then encodes
-every layer with them and :class:`~kvpack.engine.pipeline.Compression` enforces the budget on
-the assembled container (coarser bounds, then further eviction, never a larger container).
+and V error bounds and the quantisation block. The pipeline
+(:class:`~kvpack.engine.pipeline.Compression`) makes them once, when layer 0's K/V arrive (a
+sample of real data is needed to know what a bound costs), with :func:`choose` over the
+:func:`trial_model` of every candidate; it trims each layer to whole blocks
+(:func:`whole_blocks`), encodes a layer over its share coarser, and enforces the budget on the
+assembled container (coarser bounds, then further eviction, never a larger container).
 
 The damage estimate (docs/ALGORITHMS.md, "Budget mode"), in units of attention mass:
 
@@ -21,8 +23,9 @@ The damage estimate (docs/ALGORITHMS.md, "Budget mode"), in units of attention m
 
 Sizes are predicted from a trial encoding of (a token sample of) layer 0 at every candidate bound
 and block: bytes per token in quantised blocks, bytes per token left in the full-precision tail,
-per-layer and per-block container overhead. Predictions steer the choice; the final check on
-the real container decides.
+per-layer and per-block container overhead; the chosen model is then scaled by what layer 0's
+real composite costs (:meth:`SizeModel.calibrated`). Predictions steer the choice; the final
+check on the real container decides.
 """
 
 from __future__ import annotations
