@@ -170,8 +170,8 @@ async def test_huge_integer_setting_answers_invalid_argument_not_internal(
 @pytest.mark.parametrize(
     ("quant", "name", "allowed"),
     [
-        ({"k_window": 1000}, "k_window", "[0, 128]"),
-        ({"v_window": 1000}, "v_window", "[0, 256]"),
+        ({"k_window": 1000}, "k_window", "[0, 32]"),
+        ({"v_window": 1000}, "v_window", "[0, 32]"),
         ({"block_tokens": 1000}, "block_tokens", "[1, 64]"),
     ],
 )
