@@ -84,6 +84,20 @@ def _codec_rows(res: dict[str, Any], copy: float | None) -> list[Row]:
                     f"{r[f'2t_over_1t_{way}']:.2f}x 1 thread",
                 )
             )
+    for shape, label in (("llama", "Llama shape"), ("head_dim_32", "head_dim-32 cache")):
+        for kind, stage in res.get("stages", {}).get(shape, {}).items():
+            ns = stage["ns_per_value_or_symbol"]
+            steps = ", ".join(f"{name.replace('_', ' ')} {v:.2f}" for name, v in ns.items())
+            mix = "/".join(f"{c} {n}" for c, n in sorted(stage["auto_coders"].items()))
+            rows.append(
+                (
+                    f"{label}: {kind.upper()} stages, ns per value (quantise, dequantise) or "
+                    f"symbol, thread CPU: {steps}",
+                    f"{stage['bits_per_symbol']:.2f} bits/symbol",
+                    f"auto chose {mix}",
+                    "",
+                )
+            )
     st = res["restore"]
     cache = st["cache"]
     what = f"restore Llama-3-8B {cache['tokens']}-token cache ({cache['bytes'] / 2**20:.0f} MiB)"

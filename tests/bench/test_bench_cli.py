@@ -77,9 +77,19 @@ def test_bench_codec_parts_on_cuda(tmp_path: Path) -> None:
     assert doc["results"]["lossy"]["lossy"]["encode_gbps"]["median"] > 0
 
 
-def test_bench_codec_section(tmp_path: Path) -> None:
+def test_bench_codec_section(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     doc, _ = _bench(tmp_path, "--only", "codec")
     res = doc["results"]["codec"]
+    printed = capsys.readouterr().out
+    for shape in ("llama", "head_dim_32"):
+        for kind in ("k", "v"):
+            stage = res["stages"][shape][kind]
+            ns = stage["ns_per_value_or_symbol"]
+            assert {"quantise", "entropy_encode_auto", "entropy_decode_auto", "dequantise"} <= set(
+                ns
+            )
+            assert all(v > 0 for v in ns.values()) and stage["bits_per_symbol"] > 0
+    assert "Llama shape: K stages" in printed and "head_dim-32 cache: V stages" in printed
     for shape in ("llama", "head_dim_32"):
         for threads in ("1t", "2t"):
             for way in ("encode_gbps", "decode_gbps", "decode_into_gbps"):
