@@ -179,9 +179,12 @@ def encode_stream(
         parts.append(
             quant.quantize_blocks(last, spec.grouping, short, spec.error_bound, 1, lattice=True)
         )
-    symbols = np.concatenate([q.symbols for q in parts])
-    counts = np.concatenate([q.counts for q in parts])
-    hist = np.concatenate([q.hist for q in parts])
+    if len(parts) == 1:  # no short block: no copy of the symbols
+        symbols, counts, hist = parts[0].symbols, parts[0].counts, parts[0].hist
+    else:
+        symbols = np.concatenate([q.symbols for q in parts])
+        counts = np.concatenate([q.counts for q in parts])
+        hist = np.concatenate([q.hist for q in parts])
     # Window tokens are exact: only their squares add to the norm.
     sq_norm = sum(q.sq_norm for q in parts) + float(tail.to(torch.float64).square().sum())
     lengths = np.array(codebook, dtype=np.uint8) if codebook is not None else None
