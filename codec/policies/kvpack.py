@@ -119,12 +119,25 @@ class KVPack(Policy):
 
     def keep(self, inp: EvictionInput) -> list[torch.Tensor]:
         s = self.score(inp)
+        if self.uniform:
+            # Budgets known before ranking: a partial top-k per layer, not a full sort.
+            split = uniform_split(inp.budget.entries(), inp.layers)
+            protected = self.protect(s, inp.n)
+            return [
+                top_positions(protected[layer], min(inp.n, max(1, b)))
+                for layer, b in enumerate(split)
+            ]
         # One sort serves both the ranking and the allocation: protected positions are +inf,
         # so they take the first `protected` ranks of every head.
         ranked, order = self.protect(s, inp.n).sort(dim=-1, descending=True, stable=True)
         per_layer = self.layer_counts(ranked, inp)
         counts = per_layer.unsqueeze(-1).expand(-1, -1, inp.num_kv_heads)
         return positions_from_order(order, counts)
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every layer keeps the same share (allocation "uniform", or a floor of 1)."""
+        return self.settings.allocation == "uniform" or self.settings.floor >= 1
 
     def protected(self, n: int) -> int:
         """How many positions of an n-token sequence are always kept (sinks and window)."""
@@ -160,7 +173,7 @@ class KVPack(Policy):
         layer's unprotected composite mass ("mass") or by their raw composite score ("scores").
         """
         total = inp.budget.entries()
-        if self.settings.allocation == "uniform" or self.settings.floor >= 1:
+        if self.uniform:
             split = torch.tensor(uniform_split(total, inp.layers), device=ranked.device)
             return split.clamp(min=1, max=inp.n).view(-1, 1).expand(-1, inp.batch).contiguous()
         protected = self.protected(inp.n)
@@ -181,3 +194,18 @@ class KVPack(Policy):
         """Per-layer shares when layers are selected one at a time: uniform (the adaptive part
         of the allocation needs every layer's scores)."""
         return uniform_split(inp.budget.entries(), inp.layers)
+
+
+def top_positions(s: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` best positions of every row of s [..., n], ascending: what a stable
+    descending sort keeps (among equal scores the lower position), from a partial top-k.
+
+    s must hold no NaN (+inf is fine). Returns [..., count] int64.
+    """
+    threshold = s.topk(count, dim=-1).values[..., -1:]  # each row's count-th best score
+    above = s > threshold
+    tied = s == threshold
+    # Of the positions tied at the threshold, the lowest fill what `above` leaves.
+    missing = count - above.sum(dim=-1, keepdim=True)
+    keep = above | (tied & (tied.cumsum(dim=-1) <= missing))
+    return keep.nonzero()[:, -1].view(*s.shape[:-1], count)

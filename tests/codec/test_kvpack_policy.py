@@ -11,7 +11,7 @@ import torch
 
 from kvpack.codec import POLICIES, select
 from kvpack.codec.budgets import Budget
-from kvpack.codec.policies.kvpack import KVPackSettings
+from kvpack.codec.policies.kvpack import KVPackSettings, top_positions
 from kvpack.codec.selection import layer_shares, policy_for_layout
 
 F32 = np.float32
@@ -254,3 +254,12 @@ def test_layer_by_layer_shares_are_uniform() -> None:
     # One layer selected alone keeps exactly its share.
     s = _scores(1, 2, 41, seed=9)
     assert select(s, n_keep=21, policy="kvpack")[0].shape[-1] == 21
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 19, 20])
+def test_top_positions_equal_a_stable_sort(count: int) -> None:
+    gen = torch.Generator().manual_seed(count)
+    s = torch.randint(0, 4, (3, 2, 20), generator=gen).float()  # many ties
+    s[0, 0, [3, 9, 15]] = torch.inf  # protected positions, tied among themselves
+    want = s.sort(dim=-1, descending=True, stable=True).indices[..., :count].sort(dim=-1).values
+    assert torch.equal(top_positions(s, count), want)
