@@ -442,6 +442,33 @@ def whole_blocks(kept: int, settings: QuantSettings, fewest: int) -> int:
     return max(min(fewest, kept), w + (kept - w) // t * t)
 
 
+def nearest_blocks(kept: int, settings: QuantSettings, fewest: int, n: int) -> int:
+    """The whole-block count nearest ``kept`` (past the window; ties down, at most ``n``, at
+    least ``fewest``): the plan's per-layer count, so that no token is left in full precision
+    without evicting more than half a block to get there. Unchanged when the K and V windows
+    differ or less than half a block is past the window."""
+    t, w = settings.block_tokens, settings.k_window
+    if settings.k_window != settings.v_window or 2 * (kept - w) < t:
+        return kept
+    down = w + (kept - w) // t * t
+    up = down + t
+    best = up if up <= n and (up - kept) < (kept - down) else down
+    return max(min(fewest, kept), best)
+
+
+def subset_slots(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor | None:
+    """Where each kept position of ``new`` sits in ``old`` (both ``[B, Hkv, b]`` ascending
+    kept positions, -1 padded): ``[B, Hkv, b_new]`` composite slots, or None when ``new`` keeps
+    a position ``old`` does not (or has padding)."""
+    if bool((new < 0).any()):
+        return None
+    big = old.masked_fill(old < 0, torch.iinfo(torch.int64).max).contiguous()
+    pos = torch.searchsorted(big, new.contiguous()).clamp_max(old.shape[-1] - 1)
+    if not bool((old.gather(-1, pos) == new).all()):
+        return None
+    return pos
+
+
 def shrink_indices(indices: torch.Tensor, keep: int, scores: torch.Tensor | None) -> torch.Tensor:
     """Positions into a layer's composite ``[B, Hkv, b]`` (kept positions, ascending, -1 pad)
     that keep ``keep`` of them per head: the highest-scored (``scores`` ``[B, Hkv, n]`` per KV

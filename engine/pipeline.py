@@ -290,18 +290,36 @@ class Compression:
             )  # fmt: skip
         except ValueError as e:
             raise InvalidArgument(f"select: {e}") from e
-        scores = self._kv_scores()
+        n = lay.seq_len
         keeps = [
-            budget_mode.whole_blocks(int(i.shape[-1]), settings, r.fewest_tokens) for i in indices
+            budget_mode.nearest_blocks(int(i.shape[-1]), settings, r.fewest_tokens, n)
+            for i in indices
         ]
-        if sum(keeps) < self._floor_slots():  # trimming must not evict past max_ratio
-            keeps = [int(i.shape[-1]) for i in indices]
+        if sum(keeps) < self._floor_slots():  # rounding must not evict past max_ratio
+            keeps = [max(k, int(i.shape[-1])) for k, i in zip(keeps, indices, strict=True)]
         for layer, (idx, keep) in enumerate(zip(indices, keeps, strict=True)):
-            b = int(idx.shape[-1])
-            if keep < b:
-                layer_scores = None if scores is None else scores[layer]
-                indices[layer] = idx.gather(-1, budget_mode.shrink_indices(idx, keep, layer_scores))
+            if keep != int(idx.shape[-1]):
+                indices[layer] = self._reselect(layer, idx, keep)
         self._indices = indices
+
+    def _reselect(self, layer: int, idx: torch.Tensor, keep: int) -> torch.Tensor:
+        """Layer ``layer``'s kept positions at ``keep`` tokens, chosen by the policy itself
+        (one layer, ``n_keep=keep``: its own ranking, sinks and windows); where the policy
+        refuses, ``idx`` cut to each head's best-scored ``keep`` (never grown)."""
+        r, lay = self.request, self.request.layout
+        scores = self._budget_scores
+        try:
+            return codec.select(
+                None if scores is None else scores[layer : layer + 1], policy=r.policy,
+                num_kv_heads=lay.num_kv_heads, n_keep=keep, **r.settings,
+                shape=(1, lay.batch_size, lay.num_kv_heads, lay.seq_len),
+            )[0]  # fmt: skip
+        except ValueError:
+            if keep >= int(idx.shape[-1]):
+                return idx
+            kv = self._kv_scores()
+            layer_scores = None if kv is None else kv[layer]
+            return idx.gather(-1, budget_mode.shrink_indices(idx, keep, layer_scores))
 
     def _floor_slots(self) -> int:
         """The fewest token slots (summed over layers) budget mode may keep: the policy's
@@ -439,8 +457,12 @@ class Compression:
             keeps = whole
         for x, keep in zip(results, keeps, strict=True):
             ck, cv = self._held[x.layer]
-            layer_scores = None if scores is None else scores[x.layer]
-            slots = budget_mode.shrink_indices(x.indices, keep, layer_scores)
+            # The policy's own choice at the smaller count when it keeps a subset of what is
+            # held (rankings that do not change with the budget), else the best-scored.
+            slots = budget_mode.subset_slots(x.indices, self._reselect(x.layer, x.indices, keep))
+            if slots is None:
+                layer_scores = None if scores is None else scores[x.layer]
+                slots = budget_mode.shrink_indices(x.indices, keep, layer_scores)
             x.indices = x.indices.gather(-1, slots)
             expand = slots.unsqueeze(-1)
             ck = ck.gather(2, expand.expand(*slots.shape, ck.shape[-1]))
