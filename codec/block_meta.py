@@ -21,7 +21,7 @@ import zstandard
 from kvpack.codec import kernels, lossless
 from kvpack.codec.quant import Quantized
 
-META_CODERS = ("meta-raw", "meta-zstd")  # v2 stream metadata sections
+META_CODERS = ("meta-raw", "meta-zstd", "meta-fp32")  # v2 stream metadata sections
 _MANTISSA_BITS32 = kernels.STEP_MANTISSAS.view(np.int32)
 # Valid step codes: exponent in [-123, 127] (kernels.floats STEP_MIN_EXP), or ESCAPE.
 _MIN_CODE = (-123 + kernels.STEP_EXP_BIAS) * 64
@@ -73,10 +73,12 @@ class StreamCodes:
         )
 
     def encode(self, compress: bool) -> tuple[str, bytes]:
-        """(coder, bytes) of the stream's metadata section: the byte planes of the step codes
-        (block-major), of the anchor codes, then the escaped groups' fp32 minima and fp32 steps,
-        little-endian ("meta-raw"); "meta-zstd" is one zstd frame of those bytes, used where
-        `compress` and smaller."""
+        """(coder, bytes) of the stream's metadata section, the smallest of: the byte planes of
+        the step codes (block-major), of the anchor codes, then the escaped groups' fp32 minima
+        and fp32 steps, little-endian ("meta-raw"); one zstd frame of those bytes ("meta-zstd",
+        where `compress`); every group's fp32 anchor then every group's fp32 step ("meta-fp32",
+        where escapes make the codes larger: so no stream's metadata exceeds v1's 8 bytes per
+        group, which size bounds such as LMCache's rely on)."""
         body = b"".join(
             [
                 _planes(self.step_codes),
@@ -85,16 +87,26 @@ class StreamCodes:
                 self.escaped_step.astype("<f4").tobytes(),
             ]
         )
+        best = ("meta-raw", body)
+        if len(body) > 8 * len(self.step_codes):
+            mn, step = self.values()
+            best = ("meta-fp32", mn.astype("<f4").tobytes() + step.astype("<f4").tobytes())
         if compress and body:
             frame = _zstd().compress(body)
-            if len(frame) < len(body):
-                return "meta-zstd", frame
-        return "meta-raw", body
+            if len(frame) < len(best[1]):
+                best = ("meta-zstd", frame)
+        return best
 
     @staticmethod
     def decode(coder: str, data: bytes | memoryview, n: int) -> StreamCodes:
         """Parse a metadata section of n groups. ValueError unless it holds exactly the codes
         and their escapes, with every step code in range."""
+        if coder == "meta-fp32":
+            if len(data) != 8 * n:
+                raise ValueError(f"fp32 metadata of {len(data)} bytes, {n} groups need {8 * n}")
+            fp = np.frombuffer(data, dtype="<f4").astype(np.float32)
+            every = np.full(n, kernels.ESCAPE, dtype=np.uint16)
+            return StreamCodes(every, np.zeros(n, dtype=np.int16), fp[:n], fp[n:])
         if coder == "meta-zstd":
             body: bytes | memoryview = lossless.zstd_bounded(data, 12 * n)
         elif coder == "meta-raw":

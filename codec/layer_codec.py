@@ -20,7 +20,7 @@ from kvpack.codec import block_meta, entropy, lossless, quant
 from kvpack.codec.container_format import VERSION
 from kvpack.codec.quant_settings import QuantSettings
 from kvpack.codec.rawbytes import dtype_name, tensor_to_array
-from kvpack.codec.stream import StreamSpec
+from kvpack.codec.stream import StreamSpec, group_shape
 
 # CRC-32 (zlib's polynomial and values) at ISA-L speed: 13 GB/s here against zlib's 2.3.
 crc32 = isal_zlib.crc32
@@ -145,6 +145,22 @@ def _window_section(tail: torch.Tensor) -> Section:
     )
 
 
+def _short_block_pays(spec: StreamSpec, shape: tuple[int, ...], t: int, itemsize: int) -> bool:
+    """Whether a short block of t tokens can never take more bytes than those tokens in full
+    precision: 8 bytes of metadata per group at most (block_meta) plus its symbols' worst case
+    (fixed width; zstd's bound, or 16 bits per symbol with forced Huffman). Then no v2 stream
+    exceeds v1's size bound, and a K channel block of 1-2 tokens (a group per channel, each
+    worth 8 bytes) is not made at all."""
+    g, m = group_shape(spec.grouping, shape, t)
+    values = g * m
+    if spec.mode == "fixed":
+        payload = (values * spec.fixed_bits + 7) // 8
+    else:
+        width = 2 if spec.entropy == "huffman" else spec.symbol_width
+        payload = values * width + values // 128 + 2 * (values // 1024 + 1) + 64
+    return 8 * g + payload <= values * itemsize
+
+
 def encode_stream(
     spec: StreamSpec,
     x: torch.Tensor,
@@ -166,6 +182,8 @@ def encode_stream(
     short = 0
     if n_blocks is None and lattice and spec.mode != "lossless":
         short = max(0, x.shape[2] - spec.window) - nb * t
+        if short and not _short_block_pays(spec, tuple(x.shape), short, x.element_size()):
+            short = 0  # those few tokens stay in the window, exact
     enc_end = nb * t + short
     enc, tail = x[:, :, :enc_end], x[:, :, enc_end:]
     window = _window_section(tail)

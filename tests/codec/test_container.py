@@ -313,7 +313,7 @@ def with_section(
 
 @pytest.mark.parametrize("mode", ["lossy", "fixed"])
 def test_damaged_group_metadata_is_rejected(mode: str) -> None:
-    ks, vs, _ = ragged_cache(lengths=(40, 25))
+    ks, vs, _ = ragged_cache(dtype=torch.float32, lengths=(40, 25))
     s = QuantSettings(mode=mode, block_tokens=16)
     blob = encode(ks, vs, settings=s)
     meta = read_header(blob).entries[0].k_meta
@@ -369,7 +369,7 @@ def test_v2_header_metadata_fields_are_checked(small_blob: bytes) -> None:
 def test_short_last_block_and_append_after_it(grouping: str) -> None:
     """v2 quantises the tokens that do not fill a block as one short block (the window holds
     exactly its setting); append keeps it in place and adds whole blocks after it."""
-    ks, vs, _ = ragged_cache(dtype=torch.bfloat16, lengths=(45, 7))
+    ks, vs, _ = ragged_cache(dtype=torch.float32, lengths=(45, 7))
     s = QuantSettings(block_tokens=16, k_grouping=grouping, v_window=3)
     blob = encode(ks, vs, settings=s)
     h = verify(blob)
@@ -380,8 +380,8 @@ def test_short_last_block_and_append_after_it(grouping: str) -> None:
         check_bound(ks[i], out.keys[i], "k", s)
         check_bound(vs[i], out.values[i], "v", s)
     gen = torch.Generator().manual_seed(4)
-    new_k = [torch.randn(1, 2, 20, 8, generator=gen).bfloat16() for _ in range(2)]
-    new_v = [torch.randn(1, 2, 20, 6, generator=gen).bfloat16() for _ in range(2)]
+    new_k = [torch.randn(1, 2, 20, 8, generator=gen) for _ in range(2)]
+    new_v = [torch.randn(1, 2, 20, 6, generator=gen) for _ in range(2)]
     grown = append(blob, new_k, new_v)
     g = verify(grown)
     assert [e.block_tokens("k") for e in g.entries] == [[16, 16, 13, 16], [7, 16]]
@@ -408,7 +408,27 @@ def test_short_last_block_and_append_after_it(grouping: str) -> None:
             verify(
                 rewrite_header(blob, {"layers": [{**layer, "k_blocks": blocks}, doc["layers"][1]]})
             )
+    # A short block is only made where it cannot take more bytes than its tokens in full
+    # precision: 2 fp16 tokens of K channel groups (8 bytes of metadata per channel) are not.
+    tiny = encode([ks[0][:, :, :34].half()], [vs[0][:, :, :34].half()], settings=s)
+    assert read_header(tiny).entries[0].block_tokens("k") == [16, 16]
     # A valid table that moves the short block: its symbols no longer decode.
     moved = {**table, "short": [[1, 13]]}
     with pytest.raises(FormatError, match="block 1"):
         decode(rewrite_header(blob, {"layers": [{**layer, "k_blocks": moved}, doc["layers"][1]]}))
+
+
+@pytest.mark.parametrize("mode", ["lossy", "fixed"])
+def test_metadata_never_exceeds_eight_bytes_per_group(mode: str) -> None:
+    """Where escapes make the codes larger (bounds below 1/80: every group is an escape), the
+    metadata falls back to fp32 anchors and steps: 8 bytes per group, as in v1."""
+    ks, vs, _ = ragged_cache(dtype=torch.float32, lengths=(64, 16))
+    s = QuantSettings(mode=mode, block_tokens=16, k_error_bound=0.001, v_error_bound=0.001)
+    blob = encode(ks, vs, settings=s)
+    e = verify(blob).entries[0]
+    assert e.k_meta is not None and e.v_meta is not None
+    assert e.k_meta.length <= 8 * 4 * 16 and e.v_meta.length <= 8 * 4 * 32  # blocks x groups
+    assert {e.k_meta.coder, e.v_meta.coder} == {"meta-fp32"}
+    out = decode(blob)
+    check_bound(ks[0], out.keys[0], "k", s)
+    check_bound(vs[0], out.values[0], "v", s)
