@@ -231,3 +231,30 @@ def test_eviction_damage_counts_attention_mass_and_the_uniform_prior() -> None:
     assert budget_mode.eviction_damage(None, 1)(0.25) == 0.25
     # The coarsest bound costs less than evicting 2 % of the tokens under the uniform prior.
     assert budget_mode.quant_damage(budget_mode.LADDER[-1]) < 0.5 * 0.02
+
+
+def test_layers_round_to_the_nearest_whole_block() -> None:
+    s = codec.QuantSettings(block_tokens=64, k_window=0, v_window=0)
+    assert budget_mode.nearest_blocks(200, s, 1, 2048) == 192  # 8 over: down
+    assert budget_mode.nearest_blocks(250, s, 1, 2048) == 256  # 6 short: up
+    assert budget_mode.nearest_blocks(250, s, 1, 250) == 192  # up would pass n
+    assert budget_mode.nearest_blocks(20, s, 1, 2048) == 20  # under half a block: as is
+    uneven = codec.QuantSettings(block_tokens=64, k_window=8, v_window=0)
+    assert budget_mode.nearest_blocks(200, uneven, 1, 2048) == 200
+
+
+def test_subset_slots_map_a_smaller_selection_into_the_held_one() -> None:
+    old = torch.tensor([[[1, 4, 7, 9], [0, 2, 3, -1]]])
+    assert budget_mode.subset_slots(old, torch.tensor([[[4, 9], [0, 3]]])).tolist() == [
+        [[1, 3], [0, 2]]
+    ]
+    assert budget_mode.subset_slots(old, torch.tensor([[[4, 5], [0, 3]]])) is None
+    assert budget_mode.subset_slots(old, torch.tensor([[[4, 9], [0, -1]]])) is None
+
+
+def test_the_default_policy_plans_a_budget() -> None:
+    """Budget mode with the default policy (codec.policies.DEFAULT_POLICY)."""
+    scores, keys, values = cache(10)
+    out = run(scores, keys, values, target_ratio=8.0)
+    assert out.summary.budget.stored_bytes <= out.summary.budget.budget_bytes
+    assert codec.read_header(out.stored.blob).meta["policy"] == codec.policies.DEFAULT_POLICY
