@@ -235,6 +235,7 @@ _GRID_START = np.array(
     ],
     dtype=np.int64,
 )
+_GRID_MANT = (STEP_MANTISSAS.view(np.uint32) & np.uint32(0x7FFFFF)).astype(np.int64)
 ESCAPE = 0xFFFF  # step code of a group stored as fp32 minimum and step (constant, or no fit)
 ANCHOR_DIVISOR = 8
 ANCHOR_MAX = 32767  # anchor codes are int16
@@ -272,25 +273,27 @@ def _lattice(
         return lo, step, ESCAPE, 0
     bits = np.int64(_u32_from_f32(step))  # a normal fp32 (steps are >= 2^-126): m2 * 2^e
     e = ((bits >> 23) & 0xFF) - 127
-    m2 = np.float64(_f32_from_u32(np.uint32((bits & 0x7FFFFF) | 0x3F800000)))
     if e < STEP_MIN_EXP or e > 127:
         return lo, step, ESCAPE, 0
-    i = _GRID_START[(bits >> 15) & 0xFF]
-    while i < 63 and np.float64(STEP_MANTISSAS[i + 1]) <= m2:
+    # The grid index from the mantissa bits (integer compares: same order as the values).
+    mant = bits & 0x7FFFFF
+    i = _GRID_START[mant >> 15]
+    while i < 63 and _GRID_MANT[i + 1] <= mant:
         i += 1
     code = int((e + STEP_EXP_BIAS) * 64 + i)
-    s = step_of_code(code)
+    s = _f32_from_u32(np.uint32(_GRID_MANT[i] | (bits & 0x7F800000)))  # = step_of_code(code)
     s64 = np.float64(s)
     lo64 = np.float64(lo)
     hi64 = np.float64(hi)
     margin = 2.0**-22 * max(abs(lo64), abs(hi64))
-    unit = s64 / ANCHOR_DIVISOR
-    j0 = np.floor((lo64 + 0.5 * s64) / unit)
-    for j in (j0, j0 - 1.0):
-        if abs(j) > ANCHOR_MAX:
-            continue
-        a = anchor_of_code(int(j), s)
-        a64 = np.float64(a)
-        if a64 - 0.5 * s64 <= lo64 - margin and a64 + (qmax + 0.5) * s64 >= hi64 + margin:
-            return a, s, code, int(j)
+    low = lo64 - margin + 0.5 * s64  # the anchor may not exceed this
+    high = hi64 + margin - (qmax + 0.5) * s64  # nor fall below this
+    j = np.floor(low / (s64 / ANCHOR_DIVISOR))
+    for _ in range(2):  # the floor's rounding can leave j one too high
+        if abs(j) <= ANCHOR_MAX:
+            a = anchor_of_code(int(j), s)
+            a64 = np.float64(a)
+            if high <= a64 <= low:
+                return a, s, code, int(j)
+        j -= 1.0
     return lo, step, ESCAPE, 0
