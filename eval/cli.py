@@ -25,7 +25,7 @@ from typing import Any
 
 from kvpack.eval.tasks import FAMILIES
 
-DEFAULT_POLICIES = "kvcompose,kvcompose_uniform,snapkv,tova,pyramidkv,streaming"
+DEFAULT_POLICIES = "kvpack,kvcompose,kvcompose_uniform,snapkv,tova,pyramidkv,streaming"
 DEFAULT_RATIOS = "0.5,0.75,0.875,0.9375"
 # No full-precision windows: the question is not part of the compressed context, and windows of
 # 128/256 tokens would hold a third of a 1k-token cache in fp16. block=32 keeps short composite
@@ -39,6 +39,7 @@ DEFAULT_QUANTS = [
     "eb=K:0.2,V:0.4,kwin=0,vwin=0,block=32",
 ]
 DEFAULT_MODES = "evict,lossy,fixed,evict+lossy"
+DEFAULT_TARGETS = "16,32"
 
 
 def parse_quant(text: str) -> Any:
@@ -109,6 +110,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="fractions of tokens evicted",
     )
     parser.add_argument(
+        "--targets",
+        type=_csv(float),
+        default=_csv(float)(DEFAULT_TARGETS),
+        help="budget mode (--modes budget): x smaller than fp16, each with every "
+        f"--combo-policies policy (default {DEFAULT_TARGETS})",
+    )
+    parser.add_argument(
         "--quant",
         type=parse_quant,
         action="append",
@@ -119,12 +127,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--modes",
         type=_csv(str),
         default=_csv(str)(DEFAULT_MODES),
-        help="evict, lossy, fixed, evict+lossy (the uncompressed baseline always runs)",
+        help="evict, lossy, fixed, evict+lossy, budget (the uncompressed baseline always runs)",
     )
     parser.add_argument(
         "--combo-policies",
         type=_csv(str),
-        default=["kvcompose"],
+        default=["kvpack"],
         help="policies combined with every --quant in evict+lossy",
     )
     parser.add_argument(
@@ -221,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
             tasks=tasks, length=args.length, samples=args.samples, policies=args.policies,
             ratios=args.ratios, quants=args.quant or [parse_quant(q) for q in DEFAULT_QUANTS],
             modes=args.modes, combo_policies=args.combo_policies, stats=args.stats, seed=args.seed,
+            targets=args.targets,
         )  # fmt: skip
     except ValueError as e:
         print(f"kvpack eval: {e}", file=sys.stderr)
@@ -281,6 +290,15 @@ def run(args: argparse.Namespace) -> int:
             report.family_table(rows, high),
             "Every point (average over task families; ± = binomial standard error):",
             report.bytes_table(rows),
+            *(
+                [
+                    "Budget mode against the best fixed point storing no more (average over "
+                    "task families):",
+                    report.budget_table(rows, results),
+                ]
+                if any(r.mode == "budget" for r in rows)
+                else []
+            ),
             "Targets:",
             report.headline(rows),
         ]

@@ -18,6 +18,7 @@ from kvpack.client.hf.cache import accepts, cache_argument, tensors_to_cache
 from kvpack.client.hf.ragged import ragged_attention
 from kvpack.client.hf.stats import Mode, prefill_with_scores
 from kvpack.client.result import CompressResult
+from kvpack.codec.policies import DEFAULT_POLICY
 
 
 @torch.no_grad()
@@ -131,7 +132,7 @@ def compress_prefilled(
     client: KVPack,
     *,
     ratio: float | None = None,
-    policy: str = "kvcompose",
+    policy: str = DEFAULT_POLICY,
     **compress_kwargs: Any,
 ) -> tuple[Any, CompressResult]:
     """Compress one :class:`Prefilled` through ``client`` (a ratio/policy sweep reuses it).
@@ -170,7 +171,7 @@ def compress_prefill(
     client: KVPack,
     *,
     ratio: float | None = None,
-    policy: str = "kvcompose",
+    policy: str = DEFAULT_POLICY,
     mode: Mode = "agnostic",
     question_ids: torch.Tensor | None = None,
     window: int = 64,

@@ -24,14 +24,14 @@ from kvpack.eval.runner import run_eval as run_points
 from kvpack.eval.tasks import VOCAB_SIZE, make_examples
 from tests.client.client_support import ServerThread
 
-# Every default policy, ratio, quantisation setting and mode (49 points per example) on one short
+# Every default policy, ratio, quantisation setting and mode (53 points per example) on one short
 # example, ~15 s per run on two CPU cores. Length 130 leaves a context whose per-layer budgets
 # are fractional at every default ratio: the in-process and the server run share one engine, so
 # they round them alike (they used to differ there).
 ARGS = [
     "--tasks", "multikey", "--length", "130", "--samples", "1", "--threads", "2", "--no-progress",
 ]  # fmt: skip
-POLICIES = ("kvcompose", "kvcompose_uniform", "snapkv", "tova", "pyramidkv", "streaming")
+POLICIES = ("kvpack", "kvcompose", "kvcompose_uniform", "snapkv", "tova", "pyramidkv", "streaming")
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +77,8 @@ def test_writes_json_csv_and_plots(local_run: Path) -> None:
     modes = {r["mode"] for r in rows}
     assert modes == {"baseline", "evict", "lossy", "fixed", "evict+lossy"}
     assert {r["task"] for r in rows} == {"multikey", "all"}
-    # per task: baseline + 6 policies x 4 ratios + 4 lossy + 4 fixed + 4 ratios x 4 evict+lossy
-    assert len(rows) == 2 * (1 + 24 + 4 + 4 + 16)
+    # per task: baseline + 7 policies x 4 ratios + 4 lossy + 4 fixed + 4 ratios x 4 evict+lossy
+    assert len(rows) == 2 * (1 + 28 + 4 + 4 + 16)
     assert result["backend"] == "in-process" and result["wall_seconds"] > 0
     for r in rows:
         assert r["stored_bytes"] > 0 and r["fp16_bytes"] > r["stored_bytes"] * 0.5
@@ -90,8 +90,8 @@ def test_writes_json_csv_and_plots(local_run: Path) -> None:
         # Eviction shrinks the container roughly in proportion to the kept tokens.
         assert by["all", "evict", policy, 0.875]["x_ratio"] > 5 * base["x_ratio"]
     # Lossy encoding of the same kept tokens stores fewer bytes than lossless.
-    combo = by["all", "evict+lossy", "kvcompose", 0.5]
-    assert combo["stored_bytes"] < by["all", "evict", "kvcompose", 0.5]["stored_bytes"]
+    combo = by["all", "evict+lossy", "kvpack", 0.5]
+    assert combo["stored_bytes"] < by["all", "evict", "kvpack", 0.5]["stored_bytes"]
     lossy, fixed = by["all", "lossy", "none", 0.0], by["all", "fixed", "none", 0.0]
     assert lossy["accuracy"] == fixed["accuracy"]  # same quantiser, different bit packing
 
@@ -262,3 +262,16 @@ def test_task_generator_errors_name_the_problem(
     argv = ["eval", "--model", "reference", "--samples", "1", "--length", "64", "--no-plots"]
     assert main([*argv, "--no-progress", "--out", str(tmp_path), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_budget_points_stay_within_their_budget(model_path: str, tmp_path: Path) -> None:
+    """--modes budget: one point per target x combo policy, each stored within fp16 / target,
+    and results.md compares it with the best fixed point storing no more."""
+    extra = ["--modes", "evict+lossy,budget", "--targets", "8,16", "--ratios", "0.5,0.875"]
+    result = run_eval(model_path, tmp_path, *extra, "--no-plots")
+    budget = [r for r in result["points"] if r["mode"] == "budget" and r["task"] == "all"]
+    assert sorted(r["eb"] for r in budget) == ["budget 16x", "budget 8x"]
+    for r in budget:
+        target = float(r["eb"].removeprefix("budget ").removesuffix("x"))
+        assert r["stored_bytes"] <= r["fp16_bytes"] / target and r["x_ratio"] >= target
+    assert "Budget mode against the best fixed point" in (tmp_path / "results.md").read_text()
