@@ -319,21 +319,26 @@ def trial_model(
     enc = codec.encode_layer(ks, vs, None, settings)
     t = settings.block_tokens
 
-    def per_token(blocks: Sequence[Any]) -> float | None:
-        return sum(len(b.data) for b in blocks) / (len(blocks) * t) if blocks else None
+    def block_tokens(blocks: Sequence[Any]) -> int:
+        # A v2 short last block records its own token count.
+        return sum(t if b.tokens is None else b.tokens for b in blocks)
+
+    def per_token(kind: str, blocks: Sequence[Any]) -> float | None:
+        # Blocks and the stream's group metadata (v2 keeps it in one section per stream).
+        return enc.stream_bytes(kind) / block_tokens(blocks) if blocks else None
 
     raw_token = 2 * k.shape[0] * k.shape[1] * k.shape[3] * k.element_size()  # K+V, uncompressed
     windowed = [
-        (enc.k_window, m - len(enc.k_blocks) * t),
-        (enc.v_window, m - len(enc.v_blocks) * t),
+        (enc.k_window, m - block_tokens(enc.k_blocks)),
+        (enc.v_window, m - block_tokens(enc.v_blocks)),
     ]
     tail_bytes = sum(len(sec.data) for sec, tokens in windowed if tokens > 0)
     tail_tokens = sum(tokens for _, tokens in windowed if tokens > 0)
     empty = sum(len(sec.data) for sec, tokens in windowed if tokens == 0)
     # Both streams of a token in the tail: twice the per-stream bytes; raw size when unmeasured.
     tail_token = 2 * tail_bytes / tail_tokens if tail_tokens else float(raw_token)
-    k_token = per_token(enc.k_blocks)
-    v_token = per_token(enc.v_blocks)
+    k_token = per_token("k", enc.k_blocks)
+    v_token = per_token("v", enc.v_blocks)
     half_raw = raw_token / 2
     one = len(codec.assemble([enc], settings, dtype=k.dtype, meta=meta, seq_len=n))
     two = len(codec.assemble([enc, enc], settings, dtype=k.dtype, meta=meta, seq_len=n))
