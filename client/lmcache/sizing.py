@@ -4,7 +4,8 @@ LMCache's serde contract (``Serializer.estimate_serialized_size``) allocates the
 before the data is seen, so the bound may not depend on values. Per stream of one layer (n
 tokens, blocks of T tokens, window w; nb = whole blocks older than the window):
 
-    block      8 bytes per quantisation group (minimum and step, fp32) plus the payload:
+    block      8 bytes per quantisation group (container v2 stores a group's minimum and step
+               in 4 bytes, or as fp32 pairs where that is smaller: 8 is its worst case) plus:
                lossy: at most a zstd frame of the symbols (``auto`` picks Huffman only when it
                is smaller; forced ``huffman`` is at most 16 bits per symbol plus its lane table),
                fixed: ceil(values x bits / 8), lossless: a zstd frame of the raw bytes
@@ -12,10 +13,10 @@ tokens, blocks of T tokens, window w; nb = whole blocks older than the window):
 
 plus the container prefix, the codec's own header estimate (QuantSettings.header_bytes, an
 upper estimate by construction) and the chunk meta. zstd frames are bounded by ZSTD_compressBound.
-For ``fixed`` the bound is within a few hundred bytes per layer of the real size; for ``lossy``
-it is what a worst case could need (about a byte per value), so LMCache's serde buffers are
-sized for that even though typical entries are 2-3x smaller (LMCache stores only the bytes
-written).
+For ``fixed`` the bound is within the metadata's worst case (up to ~10 %) of the real size;
+for ``lossy`` it is what a worst case could need (about a byte per value), so LMCache's serde
+buffers are sized for that even though typical entries are 2-3x smaller (LMCache stores only the
+bytes written).
 """
 
 from __future__ import annotations

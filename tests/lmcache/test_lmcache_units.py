@@ -321,13 +321,15 @@ def test_size_bound_holds_for_adversarial_chunks(kind: str, quant: dict[str, obj
 
 
 def test_size_bound_is_tight_for_fixed_mode() -> None:
-    """The fixed-width bound is the real size up to container overhead: LMCache allocates it."""
+    """The fixed-width bound is the real size up to its group metadata and container overhead:
+    LMCache allocates it. The bound counts 8 bytes per group (format v2's worst case, its fp32
+    fallback); typical v2 metadata takes 4, so the bound is up to ~10 % above the real size."""
     s = QuantSettings(mode="fixed", k_window=0, v_window=0)
     shape = (2, 4, 256, 1024)
     chunk = _chunk("KV_2LTD", shape, 128, torch.bfloat16)
     size = len(chunk_codec.encode_chunk([chunk], "KV_2LTD", 128, s))
     bound = sizing.max_chunk_bytes([shape], "KV_2LTD", torch.bfloat16, 128, s, meta_chars=0)
-    assert size <= bound <= size * 1.05 + (40 << 10), (size, bound)
+    assert size <= bound <= size * 1.10 + (40 << 10), (size, bound)
 
 
 # -- rate-limited log ---------------------------------------------------------------------------
