@@ -278,10 +278,13 @@ class CompressSession:
                     result = await item
                 finally:
                     self.ahead.release()
-                self.reservation.give_back(result.input_bytes)
                 self._observe_layer(result)
                 request = self.compression.request if self.compression is not None else None
                 deferred = request is not None and request.target is not None
+                # Budget mode holds the layer's composite cache until its final check: those
+                # bytes stay counted against --max-buffered-bytes until the call ends.
+                held = result.kept_bytes if deferred else 0
+                self.reservation.give_back(result.input_bytes - held)
                 if request is not None and request.return_cache and not deferred:
                     for frame in _layer_frames(result):
                         yield frame

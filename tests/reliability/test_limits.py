@@ -21,6 +21,7 @@ from grpc import aio
 
 from kvpack.v1 import kvpack_pb2 as pb
 from kvpack.v1 import kvpack_pb2_grpc as pb_grpc
+from tests.reliability.test_bounded_settings import encode_count
 from tests.reliability.test_faults import containers, wait_for
 from tests.server.server_support import compress_requests, header, put_requests
 
@@ -195,6 +196,30 @@ async def test_cancelled_compress_frees_its_memory_without_the_gc(
     finally:
         gc.enable()
     assert (await server.store.usage()).entries == 0
+
+
+async def test_budget_mode_counts_the_composite_cache_it_holds(
+    start_server: Any, channels: Any
+) -> None:
+    """Budget mode keeps each layer's composite cache until its final check: those bytes stay
+    counted against --max-buffered-bytes (the upload's other bytes are returned per layer)."""
+    server = await start_server()
+    stub = pb_grpc.KVPackStub(channels(server.address))
+    gen = torch.Generator().manual_seed(5)
+    keys = [torch.randn(1, 2, 512, 32, generator=gen).half() for _ in range(2)]
+    values = [torch.randn(1, 2, 512, 32, generator=gen).half() for _ in range(2)]
+    scores = torch.rand(2, 1, 4, 512, generator=gen)
+    h = header(keys, 4, ratio=None, target_ratio=8.0, store=True)
+    *body, _finish = compress_requests(h, scores, keys, values)  # the stream never finishes
+    hold = asyncio.Event()
+    call = stub.Compress(stalled(iter(body), hold), timeout=60)
+    await wait_for(lambda: encode_count(server) >= 2, 60, "both layers encoded")
+    held = server.servicer.buffered.used - scores.numel() * 4  # scores stay until the end
+    uploaded = sum(t.numel() * 2 for t in (*keys, *values))
+    assert 0 < held < uploaded, (held, uploaded)
+    call.cancel()
+    hold.set()
+    await wait_for(lambda: server.servicer.buffered.used == 0, 10, "reservation returned")
 
 
 async def test_one_tenant_cannot_take_every_stream_slot(start_server: Any, channels: Any) -> None:
