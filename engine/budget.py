@@ -43,15 +43,15 @@ from kvpack.codec import QuantSettings
 from kvpack.errors import InvalidArgument
 
 #: Candidate (K, V) error bounds, finest first, up to the coarsest bound measured without an
-#: accuracy loss on the reference model (K0.2/V0.4, docs/QUALITY.md). Coarser ones are outside
-#: what the damage estimate's light quantisation weight was measured for: K0.25/V0.5 cost 2.5
+#: accuracy loss on the reference model with container v2 (K0.1/V0.2, docs/QUALITY.md). Coarser
+#: ones are outside what the damage estimate's light quantisation weight was measured for:
+#: K0.2/V0.4 alone (no eviction) cost 5-7.5 points with v2's quantiser, K0.25/V0.5 cost 2.5
 #: points at ratios 0.5 and 0.75, and a ladder to K0.5/V1.0 collapsed accuracy to 8-18 %.
 LADDER: tuple[tuple[float, float], ...] = (
     (0.0125, 0.025),
     (0.025, 0.05),
     (0.05, 0.1),
     (0.1, 0.2),
-    (0.2, 0.4),
 )
 #: Candidate quantisation blocks (tokens) when the request does not set ``block_tokens``:
 #: short blocks cost more K metadata, long ones leave more tokens in the full-precision tail.
