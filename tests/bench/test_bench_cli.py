@@ -89,7 +89,8 @@ def test_bench_codec_section(tmp_path: Path, capsys: pytest.CaptureFixture[str])
                 ns
             )
             assert all(v > 0 for v in ns.values()) and stage["bits_per_symbol"] > 0
-    assert "Llama shape: K stages" in printed and "head_dim-32 cache: V stages" in printed
+    assert "Llama shape: K ns/value, thread CPU" in printed
+    assert "head_dim-32 cache: V ns/symbol, thread CPU" in printed
     for shape in ("llama", "head_dim_32"):
         for threads in ("1t", "2t"):
             for way in ("encode_gbps", "decode_gbps", "decode_into_gbps"):
