@@ -338,6 +338,9 @@ def decode_symbol_blocks(
     against the level count here: the dequantisation kernel does that in its pass over them.
     """
     count_arr = np.asarray(counts, dtype=np.int64)
+    if len(count_arr) and int(count_arr.min()) < 0:
+        # Native coders take sizes as size_t: a negative count would let them write past `out`.
+        raise lossless.LosslessError(f"negative symbol count {int(count_arr.min())} in a block")
     pos = np.concatenate(([0], np.cumsum(count_arr))).astype(np.int64)
     out = np.empty(int(pos[-1]), dtype=symbol_dtype(spec.levels))
     names = sorted(set(coders))  # one or two coders per stream: one pass each

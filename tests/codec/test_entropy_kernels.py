@@ -162,3 +162,13 @@ def test_damaged_zstd_blocks_are_rejected(native: bool, monkeypatch: pytest.Monk
     wrong[3] -= 1  # the frame holds one symbol more than the block should
     with pytest.raises(ValueError):
         entropy.decode_symbol_blocks(coded.coders, good, wrong, spec, None)
+
+
+def test_negative_symbol_counts_never_reach_libzstd() -> None:
+    """A count below zero (only a damaged or hostile caller could pass one) would make libzstd
+    write past the symbol array: refused before any block is decoded."""
+    spec, _, counts, coded = _zstd_stream(11)
+    wrong = counts.copy()
+    wrong[1] = -wrong[0]  # the running positions step back: block 0 alone overfills `out`
+    with pytest.raises(ValueError, match="negative symbol count"):
+        entropy.decode_symbol_blocks(coded.coders, coded.payloads, wrong, spec, None)
