@@ -48,9 +48,31 @@ def _load32(buf: np.ndarray, r: int) -> np.int64:
 
 
 @njit(nogil=True, error_model="numpy")
-def _lane_bits(buf: np.ndarray, base: int, lane: int) -> np.int64:
+def lane_bits(buf: np.ndarray, base: int, lane: int) -> np.int64:
     """Bit length of `lane` from the lane table (uint16 LE) of the payload at buf[base:]."""
     return np.int64(buf[base + 2 * lane]) | (np.int64(buf[base + 2 * lane + 1]) << 8)
+
+
+@njit(nogil=True, error_model="numpy")
+def first_lane_bit(
+    buf: np.ndarray, base: int, size: int, count: int, lane_symbols: int, max_bits: int
+) -> np.int64:
+    """Bit position in `buf` of the first lane of the block at buf[base:base+size] holding
+    `count` symbols, or -1 when its lane table and size are inconsistent (each lane between one
+    and max_bits bits per symbol, the lanes' bits filling the payload after the table)."""
+    nlanes = (count + lane_symbols - 1) // lane_symbols
+    if size < 2 * nlanes:
+        return np.int64(-1)
+    total = np.int64(0)
+    for lane in range(nlanes):
+        lb = lane_bits(buf, base, lane)
+        per_lane = min(lane_symbols, count - lane * lane_symbols)
+        if lb < per_lane or lb > per_lane * max_bits:
+            return np.int64(-1)
+        total += lb
+    if (total + 7) // 8 != size - 2 * nlanes:
+        return np.int64(-1)
+    return np.int64(8 * (base + 2 * nlanes))
 
 
 @njit(nogil=True, error_model="numpy")
@@ -225,25 +247,16 @@ def huffman_decode(
         base = offsets[b]
         size = offsets[b + 1] - base
         nlanes = (c + lane_symbols - 1) // lane_symbols
-        if size < 2 * nlanes:
+        start = first_lane_bit(buf, base, size, c, lane_symbols, max_bits)
+        if start < 0:
             return b
-        total = np.int64(0)
-        for lane in range(nlanes):
-            lb = _lane_bits(buf, base, lane)
-            per_lane = min(lane_symbols, c - lane * lane_symbols)
-            if lb < per_lane or lb > per_lane * max_bits:
-                return b
-            total += lb
-        if (total + 7) // 8 != size - 2 * nlanes:
-            return b
-        start = 8 * (base + 2 * nlanes)
         lane = 0
         # Full lanes four at a time; the rest (and a block's short last lane) one by one.
         while lane + 4 <= c // lane_symbols:
-            l0 = _lane_bits(buf, base, lane)
-            l1 = _lane_bits(buf, base, lane + 1)
-            l2 = _lane_bits(buf, base, lane + 2)
-            l3 = _lane_bits(buf, base, lane + 3)
+            l0 = lane_bits(buf, base, lane)
+            l1 = lane_bits(buf, base, lane + 1)
+            l2 = lane_bits(buf, base, lane + 2)
+            l3 = lane_bits(buf, base, lane + 3)
             s1 = start + l0
             s2 = s1 + l1
             s3 = s2 + l2
@@ -256,7 +269,7 @@ def huffman_decode(
             pos_out += 4 * lane_symbols
             lane += 4
         while lane < nlanes:
-            lb = _lane_bits(buf, base, lane)
+            lb = lane_bits(buf, base, lane)
             left = min(lane_symbols, c - lane * lane_symbols)
             if _decode_lane(buf, start, left, table, multi, max_bits, out, pos_out) != lb:
                 return b

@@ -16,6 +16,7 @@ import numpy as np
 from numba import njit
 
 from kvpack.codec.kernels.bytes_io import load_be64, store_u32
+from kvpack.codec.kernels.huffman_decode import first_lane_bit, lane_bits
 from kvpack.codec.kernels.jit import _kernel
 
 # Peek width of the multi-symbol table: 2^12 int64 entries (32 KiB).
@@ -176,12 +177,6 @@ def _decode_4_lanes(
     return f0 - b0, f1 - b1, f2 - b2, f3 - b3
 
 
-@njit(nogil=True, error_model="numpy")
-def _lane_bits(buf: np.ndarray, base: int, lane: int) -> np.int64:
-    """Bit length of `lane` from the lane table (uint16 LE) of the payload at buf[base:]."""
-    return np.int64(buf[base + 2 * lane]) | (np.int64(buf[base + 2 * lane + 1]) << 8)
-
-
 @_kernel
 def huffman_decode_u8(
     buf: np.ndarray,
@@ -210,25 +205,16 @@ def huffman_decode_u8(
         base = offsets[b]
         size = offsets[b + 1] - base
         nlanes = (c + lane_symbols - 1) // lane_symbols
-        if size < 2 * nlanes:
+        start = first_lane_bit(buf, base, size, c, lane_symbols, max_bits)
+        if start < 0:
             return b
-        total = np.int64(0)
-        for lane in range(nlanes):
-            lb = _lane_bits(buf, base, lane)
-            per_lane = min(lane_symbols, c - lane * lane_symbols)
-            if lb < per_lane or lb > per_lane * max_bits:
-                return b
-            total += lb
-        if (total + 7) // 8 != size - 2 * nlanes:
-            return b
-        start = 8 * (base + 2 * nlanes)
         lane = 0
         # Full lanes four at a time; the rest (and a block's short last lane) one by one.
         while lane + 4 <= c // lane_symbols:
-            l0 = _lane_bits(buf, base, lane)
-            l1 = _lane_bits(buf, base, lane + 1)
-            l2 = _lane_bits(buf, base, lane + 2)
-            l3 = _lane_bits(buf, base, lane + 3)
+            l0 = lane_bits(buf, base, lane)
+            l1 = lane_bits(buf, base, lane + 1)
+            l2 = lane_bits(buf, base, lane + 2)
+            l3 = lane_bits(buf, base, lane + 3)
             s1 = start + l0
             s2 = s1 + l1
             s3 = s2 + l2
@@ -241,7 +227,7 @@ def huffman_decode_u8(
             pos_out += 4 * lane_symbols
             lane += 4
         while lane < nlanes:
-            lb = _lane_bits(buf, base, lane)
+            lb = lane_bits(buf, base, lane)
             left = min(lane_symbols, c - lane * lane_symbols)
             if (
                 _finish_lane(buf, start, pos_out, pos_out + left, table, multi, max_bits, out)
