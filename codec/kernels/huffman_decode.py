@@ -48,31 +48,31 @@ def _load32(buf: np.ndarray, r: int) -> np.int64:
 
 
 @njit(nogil=True, error_model="numpy")
-def lane_bits(buf: np.ndarray, base: int, lane: int) -> np.int64:
+def lane_bits(buf: np.ndarray, base: int, lane: int) -> int:
     """Bit length of `lane` from the lane table (uint16 LE) of the payload at buf[base:]."""
-    return np.int64(buf[base + 2 * lane]) | (np.int64(buf[base + 2 * lane + 1]) << 8)
+    return int(buf[base + 2 * lane]) | (int(buf[base + 2 * lane + 1]) << 8)
 
 
 @njit(nogil=True, error_model="numpy")
 def first_lane_bit(
     buf: np.ndarray, base: int, size: int, count: int, lane_symbols: int, max_bits: int
-) -> np.int64:
+) -> int:
     """Bit position in `buf` of the first lane of the block at buf[base:base+size] holding
     `count` symbols, or -1 when its lane table and size are inconsistent (each lane between one
     and max_bits bits per symbol, the lanes' bits filling the payload after the table)."""
     nlanes = (count + lane_symbols - 1) // lane_symbols
     if size < 2 * nlanes:
-        return np.int64(-1)
-    total = np.int64(0)
+        return -1
+    total = 0
     for lane in range(nlanes):
         lb = lane_bits(buf, base, lane)
         per_lane = min(lane_symbols, count - lane * lane_symbols)
         if lb < per_lane or lb > per_lane * max_bits:
-            return np.int64(-1)
+            return -1
         total += lb
     if (total + 7) // 8 != size - 2 * nlanes:
-        return np.int64(-1)
-    return np.int64(8 * (base + 2 * nlanes))
+        return -1
+    return 8 * (base + 2 * nlanes)
 
 
 @njit(nogil=True, error_model="numpy")
