@@ -101,7 +101,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--policies",
         type=_csv(str),
         default=_csv(str)(DEFAULT_POLICIES),
-        help=f"eviction policies, comma list (default {DEFAULT_POLICIES})",
+        help="eviction policies, comma list; name:setting=value:... sets a policy's settings "
+        f"(e.g. kvpack:allocation=mass:floor=0.5) and labels its rows (default {DEFAULT_POLICIES})",
     )
     parser.add_argument(
         "--ratios",

@@ -104,13 +104,29 @@ class EvalConfig:
     points: list[PointSpec] = field(init=False)
 
     def __post_init__(self) -> None:
-        for policy in {*self.policies, *self.combo_policies}:
+        for spec in {*self.policies, *self.combo_policies}:
+            policy, settings = parse_policy(spec)
             if policy not in POLICIES:
                 raise ValueError(f"unknown policy {policy!r}; known: {sorted(POLICIES)}")
             if policy == "kvcompose_unstructured":
                 # Per-head budgets pad the cache with -1 slots; generation needs a dense cache.
                 raise ValueError("kvcompose_unstructured is not supported (padded composite)")
+            make_policy(policy, settings)  # ValueError naming a bad setting, before the run
         self.points = plan_points(self)
+
+
+def parse_policy(spec: str) -> tuple[str, dict[str, object]]:
+    """``name`` or ``name:setting=value:...`` (e.g. ``kvpack:allocation=mass:floor=0.5``) ->
+    (policy name, its settings as strings). The whole spec labels the policy's rows, so one run
+    can compare settings of one policy."""
+    name, *items = spec.split(":")
+    settings: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"policy {spec!r}: expected name:setting=value, got {item!r}")
+        settings[key] = value
+    return name, settings
 
 
 def plan_points(config: EvalConfig) -> list[PointSpec]:
@@ -147,7 +163,8 @@ def stats_kind(policy: str, stats: str) -> StatsKind | None:
     KVCompose variants read ``stats``; the score baselines read their own published statistics
     in a task-agnostic run, and the question's attention in a task-aware one.
     """
-    if not make_policy(policy, {}).needs_scores:
+    policy, settings = parse_policy(policy)
+    if not make_policy(policy, settings).needs_scores:
         return None
     if policy in NATIVE_STATS and stats == "agnostic":
         return NATIVE_STATS[policy]
@@ -239,11 +256,13 @@ def run_point(
     budget: dict[str, Any] = {"ratio": None if spec.policy == "none" else spec.ratio}
     if spec.mode == "budget":
         budget = {"target_ratio": spec.target}
+    policy, settings = parse_policy(spec.policy)
     result = client.compress(
         pre.keys,
         pre.values,
         scores=None if kind is None else pre.scores[kind],
-        policy=spec.policy,
+        policy=policy,
+        policy_settings=settings or None,
         quant=spec.quant,
         return_cache=False,
         **budget,

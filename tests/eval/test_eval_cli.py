@@ -275,3 +275,21 @@ def test_budget_points_stay_within_their_budget(model_path: str, tmp_path: Path)
         target = float(r["eb"].removeprefix("budget ").removesuffix("x"))
         assert r["stored_bytes"] <= r["fp16_bytes"] / target and r["x_ratio"] >= target
     assert "Budget mode against the best fixed point" in (tmp_path / "results.md").read_text()
+
+
+def test_policy_settings_in_the_sweep(model_path: str, tmp_path: Path) -> None:
+    """name:setting=value runs the policy with those settings under its own label; the same
+    settings as the defaults give the same accuracy and bytes as the plain name."""
+    spec = "kvpack:allocation=uniform:kernel_size=3"
+    extra = ["--policies", f"kvpack,{spec},kvpack:allocation=mass", "--modes", "evict"]
+    result = run_eval(model_path, tmp_path, *extra, "--no-plots")
+    rows = {(r["policy"], r["ratio"]): r for r in result["points"] if r["task"] == "all"}
+    assert {p for p, _ in rows} == {"none", "kvpack", spec, "kvpack:allocation=mass"}
+    for ratio in (0.5, 0.75, 0.875, 0.9375):
+        same, plain = rows[spec, ratio], rows["kvpack", ratio]
+        assert (same["accuracy"], same["stored_bytes"]) == (
+            plain["accuracy"],
+            plain["stored_bytes"],
+        )
+    argv = ["eval", "--model", model_path, *ARGS, "--out", str(tmp_path), "--no-plots"]
+    assert main([*argv, "--policies", "kvpack:allocation=nope"]) == 2
