@@ -317,22 +317,14 @@ class CompressRequest:
         if policy == "none":
             if ratio is not None or n_keep is not None or settings:
                 raise InvalidArgument('policy "none" takes no ratio, n_keep or policy_settings')
-        elif policy not in POLICIES:
-            raise InvalidArgument(
-                f"unknown policy {shown(policy)} (known: {', '.join(POLICY_NAMES)})"
-            )
         else:
+            _check_policy_name(policy)
             try:
                 budget = Budget(layout.num_layers, layout.seq_len, ratio=ratio, n_keep=n_keep)
             except ValueError as e:
                 raise InvalidArgument(str(e)) from e
-            try:
-                selector = policy_for_layout(policy, settings, budget)
-            except ValueError as e:
-                raise InvalidArgument(f"policy {policy}: {e}") from e
-        if key:
-            validate_key(key)
-        _check_model(model, token_ids, layout)
+            selector = _selector(policy, settings, budget)
+        _check_key_and_model(key, model, token_ids, layout)
         settings_ = schema.quant_settings(quant)
         if store:
             try:
@@ -385,21 +377,13 @@ class CompressRequest:
         selector = None
         fewest = n
         if policy != "none":
-            if policy not in POLICIES:
-                raise InvalidArgument(
-                    f"unknown policy {shown(policy)} (known: {', '.join(POLICY_NAMES)})"
-                )
-            try:
-                selector = policy_for_layout(policy, settings, Budget(layers, n, ratio=0.0))
-            except ValueError as e:
-                raise InvalidArgument(f"policy {policy}: {e}") from e
+            _check_policy_name(policy)
+            selector = _selector(policy, settings, Budget(layers, n, ratio=0.0))
             floor = getattr(selector.settings, "keep_token_lower_bound", 0)
             fewest = min(n, max(1, int(floor)))
         elif settings:
             raise InvalidArgument('policy "none" takes no policy_settings')
-        if key:
-            validate_key(key)
-        _check_model(model, token_ids, layout)
+        _check_key_and_model(key, model, token_ids, layout)
         base = schema.quant_settings(quant)
         if base.mode == "lossless":
             raise InvalidArgument(
@@ -518,9 +502,25 @@ class CompressRequest:
         return content_key(self.model, layout, self.quant.to_dict(), policy, self.token_ids)
 
 
-def _check_model(model: str, token_ids: Sequence[int], layout: Layout) -> None:
-    """The model fingerprint and token ids: the model is stored in the container meta (at most
-    MAX_META_CHARS characters) and the store's entry settings; token ids are uint32."""
+def _check_policy_name(policy: str) -> None:
+    if policy not in POLICIES:
+        raise InvalidArgument(f"unknown policy {shown(policy)} (known: {', '.join(POLICY_NAMES)})")
+
+
+def _selector(policy: str, settings: Mapping[str, str], budget: Budget) -> Policy:
+    """The policy with its settings checked against the layout's extent (InvalidArgument)."""
+    try:
+        return policy_for_layout(policy, settings, budget)
+    except ValueError as e:
+        raise InvalidArgument(f"policy {policy}: {e}") from e
+
+
+def _check_key_and_model(key: str, model: str, token_ids: Sequence[int], layout: Layout) -> None:
+    """The store key (when given), the model fingerprint and token ids: the model is stored in
+    the container meta (at most MAX_META_CHARS characters) and the store's entry settings;
+    token ids are uint32."""
+    if key:
+        validate_key(key)
     if len(model) > MAX_META_CHARS:
         raise InvalidArgument(
             f"model is {len(model)} characters, at most {MAX_META_CHARS} (the container meta's "
