@@ -169,9 +169,14 @@ LOW_BASELINE = (
 )
 
 
+def baseline_accuracy(rows: list[Row], task: str = ALL) -> float | None:
+    """The uncompressed accuracy of ``task`` (default: the average over tasks), None if absent."""
+    return next((r.accuracy for r in rows if r.task == task and r.mode == "baseline"), None)
+
+
 def baseline_too_low(rows: list[Row]) -> bool:
     """True when the uncompressed accuracy (average over tasks) is below :data:`MIN_BASELINE`."""
-    base = next((r.accuracy for r in rows if r.task == ALL and r.mode == "baseline"), None)
+    base = baseline_accuracy(rows)
     return base is not None and base < MIN_BASELINE
 
 
@@ -183,7 +188,7 @@ def headline(rows: list[Row], reference: str = "kvcompose") -> str:
     - lossy vs fixed-width compression at every setting with >= 0.97 normalised accuracy.
     """
     avg = [r for r in rows if r.task == ALL]
-    base = next((r.accuracy for r in avg if r.mode == "baseline"), 0.0)
+    base = baseline_accuracy(rows) or 0.0
     evict = {(r.policy, r.ratio): r.accuracy for r in avg if r.mode == "evict"}
     lines = [f"- uncompressed accuracy: {100 * base:.1f} %"]
     if baseline_too_low(rows):
@@ -238,8 +243,8 @@ def best_fixed_within(rows: list[Row], stored_bytes: float, task: str = ALL) -> 
 def budget_table(rows: list[Row], results: list[PointResult] | None = None, task: str = ALL) -> str:
     """Markdown: each budget point (accuracy, bytes, the mean eviction ratio it chose when
     ``results`` are given) against the best fixed (policy, ratio, bound) point storing no more,
-    and whether it is within one standard error of it or better."""
-    base = next((r.accuracy for r in rows if r.task == task and r.mode == "baseline"), 0.0)
+    and the accuracy difference to it."""
+    base = baseline_accuracy(rows, task) or 0.0
     chosen: dict[tuple[str, str], list[float]] = {}
     for res in results or []:
         if res.spec.mode == "budget" and (task == ALL or res.task == task):
@@ -274,7 +279,7 @@ def budget_lines(rows: list[Row]) -> list[str]:
     and against the best fixed point storing no more (dominates: not below it by more than
     one standard error)."""
     avg = [r for r in rows if r.task == ALL]
-    base = next((r.accuracy for r in avg if r.mode == "baseline"), 0.0)
+    base = baseline_accuracy(rows) or 0.0
     out = []
     for r in avg:
         if r.mode != "budget":
