@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
             tasks = args.tasks or plugins.default_tasks(generator, args.task_generator)
         else:
             tasks = args.tasks or list(FAMILIES)
-            plugins.builtin_examples(tasks, length=args.length, n=0, seed=args.seed)
+            plugins.check_builtin_tasks(tasks)
     except ValueError as e:
         print(f"kvpack eval: {e}", file=sys.stderr)
         return 2

@@ -93,7 +93,12 @@ def builtin_examples(
     tasks: Sequence[str], *, length: int, n: int, seed: int
 ) -> dict[str, list[Example]]:
     """kvpack's synthetic families (:mod:`kvpack.eval.tasks`); ValueError for an unknown one."""
+    check_builtin_tasks(tasks)
+    return {t: make_examples(t, length, n, seed) for t in tasks}
+
+
+def check_builtin_tasks(tasks: Sequence[str]) -> None:
+    """ValueError naming the tasks that are not kvpack families (checked before a run)."""
     unknown = [t for t in tasks if t not in FAMILIES]
     if unknown:
         raise ValueError(f"unknown tasks {unknown}; known: {list(FAMILIES)}")
-    return {t: make_examples(t, length, n, seed) for t in tasks}
