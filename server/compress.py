@@ -263,7 +263,7 @@ class CompressSession:
         reader = asyncio.create_task(self._read(requests))
         results: list[LayerResult] = []
         # Budget mode answers the layers after the final check, which may evict further.
-        deferred = False
+        answer_later = False
         failed = False
         raised: BaseException | None = None
         result: LayerResult | None = None
@@ -279,22 +279,24 @@ class CompressSession:
                 finally:
                     self.ahead.release()
                 self._observe_layer(result)
-                request = self.compression.request if self.compression is not None else None
-                deferred = request is not None and request.target is not None
+                assert self.compression is not None  # a layer ran: the header made it
+                request = self.compression.request
+                deferred = request.target is not None
                 # Budget mode holds the layer's composite cache until its final check: those
                 # bytes stay counted against --max-buffered-bytes until the call ends.
                 held = result.kept_bytes if deferred else 0
                 self.reservation.give_back(result.input_bytes - held)
-                if request is not None and request.return_cache and not deferred:
+                answer_later = deferred and request.return_cache
+                if request.return_cache and not deferred:
                     for frame in _layer_frames(result):
                         yield frame
-                if not (deferred and request is not None and request.return_cache):
+                if not answer_later:
                     # Only the encoded layer is needed from here on (budget mode holds its
                     # composite cache itself, for the final check).
                     result.keys = result.values = torch.empty(0)
                 results.append(result)
             final = await self._finish(results)
-            if deferred and self.compression is not None and self.compression.request.return_cache:
+            if answer_later:
                 for result in results:
                     for frame in _layer_frames(result):
                         yield frame
